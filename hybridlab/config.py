@@ -1,0 +1,435 @@
+"""Architecture genome: ``ArchConfig`` and its per-layer specs.
+
+A hybrid is a list of layers, each one of ``mamba1`` | ``mamba2`` | ``attention`` | ``mlp``, each
+with its own settings (a 64-state Mamba-2 layer may sit next to a 16-state one). Configs are frozen
+dataclasses that round-trip through dict, JSON and YAML; every validation error names the field
+(``layers[3].n_kv_heads``) and, when the config came from a file, the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+LayerType = Literal["mamba1", "mamba2", "attention", "mlp"]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; names the field, and the file and line when known."""
+
+    def __init__(
+        self, field: str, message: str, *, source: str | None = None, line: int | None = None
+    ) -> None:
+        self.field = field
+        self.message = message
+        self.source = source
+        self.line = line
+        where = ""
+        if source is not None:
+            where = f"{source}:{line}: " if line is not None else f"{source}: "
+        super().__init__(f"{where}{field}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba1Spec:
+    """Mamba-1 selective SSM mixer (Gu & Dao, 2023); names follow mamba_ssm's ``Mamba``."""
+
+    type: ClassVar[str] = "mamba1"
+    symbol: ClassVar[str] = "m"
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # "auto" is the paper's ceil(d_model / 16).
+    dt_rank: int | Literal["auto"] = "auto"
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def resolved_dt_rank(self, d_model: int) -> int:
+        return math.ceil(d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba2Spec:
+    """Mamba-2 SSD mixer (Dao & Gu, 2024); names follow mamba_ssm's ``Mamba2``."""
+
+    type: ClassVar[str] = "mamba2"
+    symbol: ClassVar[str] = "M"
+    d_state: int = 64
+    headdim: int = 64
+    expand: int = 2
+    ngroups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 64
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def nheads(self, d_model: int) -> int:
+        return self.d_inner(d_model) // self.headdim
+
+    def conv_dim(self, d_model: int) -> int:
+        return self.d_inner(d_model) + 2 * self.ngroups * self.d_state
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """Causal multi-head attention with grouped KV heads, RoPE and an optional sliding window."""
+
+    type: ClassVar[str] = "attention"
+    symbol: ClassVar[str] = "*"
+    n_heads: int = 4
+    # None means n_heads (plain multi-head attention).
+    n_kv_heads: int | None = None
+    # None means d_model // n_heads.
+    head_dim: int | None = None
+    rope: bool = True
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def resolved_head_dim(self, d_model: int) -> int:
+        return d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPSpec:
+    """SwiGLU MLP; hidden width is ``multiplier * d_model`` rounded up to ``multiple_of``."""
+
+    type: ClassVar[str] = "mlp"
+    symbol: ClassVar[str] = "-"
+    multiplier: float = 8 / 3
+    multiple_of: int = 16
+
+    def d_hidden(self, d_model: int) -> int:
+        width = math.ceil(self.multiplier * d_model)
+        return -(-width // self.multiple_of) * self.multiple_of
+
+
+LayerSpec = Mamba1Spec | Mamba2Spec | AttentionSpec | MLPSpec
+LAYER_SPECS: dict[str, type[LayerSpec]] = {
+    spec.type: spec for spec in (Mamba1Spec, Mamba2Spec, AttentionSpec, MLPSpec)
+}
+SYMBOLS: dict[str, type[LayerSpec]] = {spec.symbol: spec for spec in LAYER_SPECS.values()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchConfig:
+    """The genome of one hybrid language model."""
+
+    d_model: int
+    vocab_size: int
+    layers: tuple[LayerSpec, ...] = field(default_factory=tuple)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        validate(self)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def pattern(self) -> str:
+        """Megatron-style pattern: "M" mamba2, "m" mamba1, "*" attention, "-" mlp."""
+        return "".join(layer.symbol for layer in self.layers)
+
+    @classmethod
+    def from_pattern(
+        cls,
+        pattern: str,
+        *,
+        d_model: int,
+        vocab_size: int,
+        mamba1: Mamba1Spec | None = None,
+        mamba2: Mamba2Spec | None = None,
+        attention: AttentionSpec | None = None,
+        mlp: MLPSpec | None = None,
+        tie_embeddings: bool = True,
+    ) -> ArchConfig:
+        """Build a config from a pattern string, one spec (default settings unless given) per type."""
+        chosen = {"m": mamba1, "M": mamba2, "*": attention, "-": mlp}
+        layers = []
+        for i, symbol in enumerate(pattern):
+            if symbol not in SYMBOLS:
+                raise ConfigError(
+                    f"pattern[{i}]",
+                    f"unknown layer symbol {symbol!r}; expected one of {''.join(SYMBOLS)!r}",
+                )
+            layers.append(chosen[symbol] or SYMBOLS[symbol]())
+        return cls(
+            d_model=d_model, vocab_size=vocab_size, layers=tuple(layers),
+            tie_embeddings=tie_embeddings,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "d_model": self.d_model,
+            "vocab_size": self.vocab_size,
+            "tie_embeddings": self.tie_embeddings,
+            "norm_eps": self.norm_eps,
+            "layers": [_spec_to_dict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str | None = None,
+        lines: Mapping[str, int] | None = None,
+    ) -> ArchConfig:
+        """Parse a plain dict; ``source``/``lines`` (field path -> line) only decorate errors."""
+        try:
+            return _arch_from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(
+                err.field, err.message, source=source, line=_line_for(err.field, lines)
+            ) from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str | None = None) -> ArchConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError("<document>", f"invalid JSON: {err.msg}", source=source,
+                              line=err.lineno) from None
+        return cls.from_dict(data, source=source)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str | None = None) -> ArchConfig:
+        data, lines = load_yaml_with_lines(text, source=source)
+        return cls.from_dict(data, source=source, lines=lines)
+
+    def save(self, path: str | Path) -> None:
+        """Write YAML or JSON by suffix; written to a temp file then renamed, so never half-written."""
+        path = Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ArchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("<file>", "no such file", source=str(path))
+        text = path.read_text()
+        if path.suffix == ".json":
+            return cls.from_json(text, source=str(path))
+        return cls.from_yaml(text, source=str(path))
+
+    def canonical_hash(self) -> str:
+        """Stable identity of the architecture: equal configs hash equal, whatever their source."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
+    return {"type": spec.type, **dataclasses.asdict(spec)}
+
+
+def _line_for(field_path: str, lines: Mapping[str, int] | None) -> int | None:
+    """Line of the field, or of its closest enclosing field (``layers[2]`` for a missing key)."""
+    if not lines:
+        return None
+    path = field_path
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}{key}", f"unknown field; expected one of {sorted(allowed)}"
+            )
+
+
+def _read_int(data: Mapping[str, Any], key: str, where: str, *, default: Any) -> Any:
+    value = data.get(key, default)
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{key}", f"must be an integer, got {value!r}")
+    return value
+
+
+def _read_float(data: Mapping[str, Any], key: str, where: str, *, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}{key}", f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _read_bool(data: Mapping[str, Any], key: str, where: str, *, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}{key}", f"must be true or false, got {value!r}")
+    return value
+
+
+def _spec_from_dict(data: Any, where: str) -> LayerSpec:
+    if not isinstance(data, Mapping):
+        raise ConfigError(where.rstrip("."), f"must be a mapping with a 'type', got {data!r}")
+    kind = data.get("type")
+    if kind not in LAYER_SPECS:
+        raise ConfigError(
+            f"{where}type", f"unknown layer type {kind!r}; expected one of {sorted(LAYER_SPECS)}"
+        )
+    spec_cls = LAYER_SPECS[kind]
+    fields = {f.name: f for f in dataclasses.fields(spec_cls)}
+    _check_keys(data, {"type", *fields}, where)
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        default = f.default
+        if isinstance(default, bool):
+            values[name] = _read_bool(data, name, where, default=default)
+        elif isinstance(default, float):
+            values[name] = _read_float(data, name, where, default=default)
+        else:
+            values[name] = _read_int(data, name, where, default=default)
+    if values.get("dt_rank") is None and spec_cls is Mamba1Spec:
+        raise ConfigError(f"{where}dt_rank", "must be a positive integer or 'auto'")
+    return spec_cls(**values)
+
+
+def _arch_from_dict(data: Any) -> ArchConfig:
+    if not isinstance(data, Mapping):
+        raise ConfigError("<document>", f"must be a mapping, got {type(data).__name__}")
+    top = {f.name for f in dataclasses.fields(ArchConfig)}
+    _check_keys(data, top, "")
+    for required in ("d_model", "vocab_size", "layers"):
+        if required not in data:
+            raise ConfigError(required, "missing required field")
+    layers_data = data["layers"]
+    if not isinstance(layers_data, list):
+        raise ConfigError("layers", f"must be a list of layer specs, got {layers_data!r}")
+    layers = tuple(_spec_from_dict(item, f"layers[{i}].") for i, item in enumerate(layers_data))
+    return ArchConfig(
+        d_model=_read_int(data, "d_model", "", default=None),
+        vocab_size=_read_int(data, "vocab_size", "", default=None),
+        layers=layers,
+        tie_embeddings=_read_bool(data, "tie_embeddings", "", default=True),
+        norm_eps=_read_float(data, "norm_eps", "", default=1e-5),
+    )
+
+
+def _positive(value: Any, name: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"must be a positive number, got {value!r}")
+    if value <= 0:
+        raise ConfigError(name, f"must be positive, got {value!r}")
+
+
+def validate(config: ArchConfig) -> None:
+    """Check every field; raises ConfigError naming the first bad one."""
+    for name in ("d_model", "vocab_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be an integer, got {value!r}")
+        _positive(value, name)
+    _positive(config.norm_eps, "norm_eps")
+    if not config.layers:
+        raise ConfigError("layers", "must contain at least one layer")
+    for i, spec in enumerate(config.layers):
+        where = f"layers[{i}]"
+        if not isinstance(spec, tuple(LAYER_SPECS.values())):
+            raise ConfigError(where, f"not a layer spec: {spec!r}")
+        _validate_spec(spec, config.d_model, where)
+
+
+def _validate_spec(spec: LayerSpec, d_model: int, where: str) -> None:
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, bool) or value is None or value == "auto":
+            continue
+        _positive(value, f"{where}.{f.name}")
+    if isinstance(spec, Mamba2Spec):
+        d_inner = spec.d_inner(d_model)
+        if d_inner % spec.headdim:
+            raise ConfigError(
+                f"{where}.headdim",
+                f"expand * d_model = {d_inner} must be divisible by headdim = {spec.headdim}",
+            )
+        nheads = d_inner // spec.headdim
+        if nheads % spec.ngroups:
+            raise ConfigError(
+                f"{where}.ngroups",
+                f"number of heads {nheads} must be divisible by ngroups = {spec.ngroups}",
+            )
+    elif isinstance(spec, AttentionSpec):
+        if spec.n_heads % spec.kv_heads():
+            raise ConfigError(
+                f"{where}.n_kv_heads",
+                f"n_heads = {spec.n_heads} must be divisible by n_kv_heads = {spec.kv_heads()}",
+            )
+        if spec.head_dim is None and d_model % spec.n_heads:
+            raise ConfigError(
+                f"{where}.n_heads",
+                f"d_model = {d_model} must be divisible by n_heads = {spec.n_heads} "
+                "when head_dim is not given",
+            )
+        if spec.rope and spec.resolved_head_dim(d_model) % 2:
+            raise ConfigError(
+                f"{where}.head_dim",
+                f"RoPE needs an even head_dim, got {spec.resolved_head_dim(d_model)}",
+            )
+
+
+def load_yaml_with_lines(
+    text: str, *, source: str | None = None
+) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and return (data, {field path: 1-based line}) for error messages."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError("<document>", f"invalid YAML: {problem}", source=source,
+                          line=line) from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        _collect_lines(node, "", lines)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            lines[child] = key_node.start_mark.line + 1
+            _collect_lines(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            child = f"{path}[{i}]"
+            lines[child] = item.start_mark.line + 1
+            _collect_lines(item, child, lines)

@@ -1,0 +1,46 @@
+"""Seeded weight initialisation helpers: every draw takes an explicit generator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+EMBED_STD = 0.02
+
+
+@torch.no_grad()
+def normal_(weight: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    weight.normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def conv_default_(conv: nn.Conv1d, generator: torch.Generator) -> None:
+    # PyTorch's own Conv1d default (kaiming-uniform with a=sqrt(5)) reduces to U(-1/sqrt(fan_in), .).
+    fan_in = conv.weight.shape[1] * conv.weight.shape[2]
+    bound = 1.0 / math.sqrt(fan_in)
+    conv.weight.uniform_(-bound, bound, generator=generator)
+    if conv.bias is not None:
+        conv.bias.uniform_(-bound, bound, generator=generator)
+
+
+def residual_std(n_layers: int) -> float:
+    """GPT-2 style: projections that write into the residual stream shrink with depth."""
+    return EMBED_STD / math.sqrt(2 * n_layers)
+
+
+@torch.no_grad()
+def dt_bias_(
+    bias: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    dt_min: float = 1e-3,
+    dt_max: float = 0.1,
+    dt_floor: float = 1e-4,
+) -> None:
+    """Mamba's dt init: softplus(bias) is log-uniform in [dt_min, dt_max]."""
+    u = torch.rand(bias.shape, generator=generator, dtype=torch.float64)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    # Inverse of softplus: x = dt + log(1 - exp(-dt)).
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))

@@ -1,0 +1,97 @@
+"""Mamba-1 mixer (selective SSM); parameter names and shapes follow mamba_ssm's ``Mamba``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlab.cache import MambaCache
+from hybridlab.config import Mamba1Spec
+from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
+from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
+from hybridlab_kernels import selective_scan, selective_state_update
+
+
+class Mamba1(nn.Module):
+    def __init__(self, d_model: int, spec: Mamba1Spec) -> None:
+        super().__init__()
+        self.d_inner = spec.d_inner(d_model)
+        self.d_state = spec.d_state
+        self.d_conv = spec.d_conv
+        self.dt_rank = spec.resolved_dt_rank(d_model)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner,
+            padding=self.d_conv - 1, bias=True,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # Stored in fp32 and read with .float(): the recurrence accumulates over the whole
+        # sequence, so bf16 A or D would drift (autocast leaves parameters untouched).
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
+        normal_(self.in_proj.weight, EMBED_STD, generator)
+        conv_default_(self.conv1d, generator)
+        normal_(self.x_proj.weight, EMBED_STD, generator)
+        bound = 1.0 / math.sqrt(self.dt_rank)
+        self.dt_proj.weight.uniform_(-bound, bound, generator=generator)
+        dt_bias_(self.dt_proj.bias, generator)
+        # S4D-real init: A[:, n] = -(n + 1) for every channel.
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+        normal_(self.out_proj.weight, residual_std(n_layers), generator)
+
+    def allocate_cache(
+        self, batch_size: int, max_seqlen: int, *, device: torch.device, dtype: torch.dtype
+    ) -> MambaCache:
+        return MambaCache(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device,
+                                   dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                  dtype=torch.float32),
+        )
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x: (..., d_inner) after conv -> dt (..., d_inner), B and C (..., d_state)."""
+        dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj's bias is added inside the scan (in fp32, with the softplus).
+        return F.linear(dt, self.dt_proj.weight), b, c
+
+    def forward(self, hidden: torch.Tensor, *, cache: MambaCache | None = None) -> torch.Tensor:
+        """hidden: (B, L, d_model) -> (B, L, d_model); fills ``cache`` when given."""
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        if cache is not None:
+            cache.conv_state.copy_(last_inputs(x, self.d_conv))
+        x = F.silu(causal_conv1d(self.conv1d, x))
+        dt, b, c = self._ssm_inputs(x.transpose(1, 2))  # (B, L, .)
+        result = selective_scan(
+            x, dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+            b.transpose(1, 2), c.transpose(1, 2), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_final_state=cache is not None,
+        )
+        if cache is not None:
+            y, final_state = result
+            cache.ssm_state.copy_(final_state)
+        else:
+            y = result
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """hidden: (B, d_model) -> (B, d_model); advances ``cache`` by one token."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, d_inner) each
+        x = F.silu(conv_step(self.conv1d, cache.conv_state, x))
+        dt, b, c = self._ssm_inputs(x)
+        y = selective_state_update(
+            cache.ssm_state, x, dt, -torch.exp(self.A_log.float()), b, c, self.D.float(), z,
+            dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+        )
+        return self.out_proj(y.to(hidden.dtype))

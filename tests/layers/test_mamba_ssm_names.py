@@ -1,0 +1,80 @@
+"""Parameter names and shapes against mamba_ssm's modules, written down from its source.
+
+mamba_ssm is a CUDA package and cannot be imported here, so the expected tables are transcribed
+from mamba_ssm/modules/mamba_simple.py (Mamba), mamba2.py (Mamba2), mha.py (MHA with
+qkv_proj_bias=False, out_proj_bias=False) and mlp.py (GatedMLP, bias=False) for the settings named
+in each case.
+"""
+
+import pytest
+
+from hybridlab.config import AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
+from hybridlab.layers import build_mixer
+
+CASES = [
+    # Mamba(d_model=64, d_state=16, d_conv=4, expand=2): d_inner 128, dt_rank ceil(64/16) = 4
+    (64, Mamba1Spec(d_state=16, d_conv=4, expand=2), {
+        "A_log": (128, 16),
+        "D": (128,),
+        "in_proj.weight": (256, 64),
+        "conv1d.weight": (128, 1, 4),
+        "conv1d.bias": (128,),
+        "x_proj.weight": (36, 128),
+        "dt_proj.weight": (128, 4),
+        "dt_proj.bias": (128,),
+        "out_proj.weight": (64, 128),
+    }),
+    # Mamba(d_model=48, d_state=8, d_conv=3, expand=3, dt_rank=7): d_inner 144
+    (48, Mamba1Spec(d_state=8, d_conv=3, expand=3, dt_rank=7), {
+        "A_log": (144, 8),
+        "D": (144,),
+        "in_proj.weight": (288, 48),
+        "conv1d.weight": (144, 1, 3),
+        "conv1d.bias": (144,),
+        "x_proj.weight": (23, 144),
+        "dt_proj.weight": (144, 7),
+        "dt_proj.bias": (144,),
+        "out_proj.weight": (48, 144),
+    }),
+    # Mamba2(d_model=64, d_state=32, d_conv=4, expand=2, headdim=16, ngroups=2):
+    # d_inner 128, nheads 8, conv_dim 128 + 2*2*32 = 256, d_in_proj 2*128 + 2*2*32 + 8 = 392
+    (64, Mamba2Spec(d_state=32, d_conv=4, expand=2, headdim=16, ngroups=2), {
+        "dt_bias": (8,),
+        "A_log": (8,),
+        "D": (8,),
+        "in_proj.weight": (392, 64),
+        "conv1d.weight": (256, 1, 4),
+        "conv1d.bias": (256,),
+        "norm.weight": (128,),
+        "out_proj.weight": (64, 128),
+    }),
+    # Mamba2(d_model=96, d_state=64, d_conv=2, expand=1, headdim=32, ngroups=1):
+    # d_inner 96, nheads 3, conv_dim 96 + 128 = 224, d_in_proj 192 + 128 + 3 = 323
+    (96, Mamba2Spec(d_state=64, d_conv=2, expand=1, headdim=32, ngroups=1), {
+        "dt_bias": (3,),
+        "A_log": (3,),
+        "D": (3,),
+        "in_proj.weight": (323, 96),
+        "conv1d.weight": (224, 1, 2),
+        "conv1d.bias": (224,),
+        "norm.weight": (96,),
+        "out_proj.weight": (96, 96),
+    }),
+    # MHA(embed_dim=64, num_heads=8, num_heads_kv=2): head_dim 8, qkv_dim 8*(8+4) = 96
+    (64, AttentionSpec(n_heads=8, n_kv_heads=2), {
+        "in_proj.weight": (96, 64),
+        "out_proj.weight": (64, 64),
+    }),
+    # GatedMLP(in_features=64, hidden_features=176): fc1 -> 2*176
+    (64, MLPSpec(multiplier=2.75, multiple_of=16), {
+        "fc1.weight": (352, 64),
+        "fc2.weight": (64, 176),
+    }),
+]
+
+
+@pytest.mark.parametrize(("d_model", "spec", "expected"), CASES)
+def test_names_and_shapes_match_mamba_ssm(d_model, spec, expected):
+    mixer = build_mixer(spec, d_model)
+    got = {name: tuple(t.shape) for name, t in mixer.state_dict().items()}
+    assert got == expected
