@@ -159,7 +159,7 @@ class ArchConfig:
         mlp: MLPSpec | None = None,
         tie_embeddings: bool = True,
     ) -> ArchConfig:
-        """Build a config from a pattern string, one spec (default settings unless given) per type."""
+        """Build a config from a pattern string: one spec per layer type, defaults unless given."""
         chosen = {"m": mamba1, "M": mamba2, "*": attention, "-": mlp}
         layers = []
         for i, symbol in enumerate(pattern):
@@ -220,7 +220,7 @@ class ArchConfig:
         return cls.from_dict(data, source=source, lines=lines)
 
     def save(self, path: str | Path) -> None:
-        """Write YAML or JSON by suffix; written to a temp file then renamed, so never half-written."""
+        """Write YAML (or JSON for .json) via a temp file and a rename: never half-written."""
         path = Path(path)
         text = self.to_json() if path.suffix == ".json" else self.to_yaml()
         tmp = path.with_name(path.name + ".tmp")

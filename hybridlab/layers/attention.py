@@ -65,7 +65,7 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> AttentionBack
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE (GPT-NeoX / flash_attn non-interleaved). x: (B, L, H, hd), positions: (L,)."""
+    """Rotate-half RoPE (GPT-NeoX style). x: (B, L, H, hd), positions: (L,)."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (L, hd/2)

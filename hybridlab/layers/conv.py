@@ -22,7 +22,7 @@ def last_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def conv_step(conv: nn.Conv1d, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Shift ``x`` (B, C) into ``state`` (B, C, d_conv) in place and return the conv output (B, C)."""
+    """Shift ``x`` (B, C) into ``state`` (B, C, d_conv) in place; return the conv output (B, C)."""
     state.copy_(torch.roll(state, shifts=-1, dims=-1))
     state[:, :, -1] = x.to(state.dtype)
     out = (state.to(conv.weight.dtype) * conv.weight[:, 0, :]).sum(-1)

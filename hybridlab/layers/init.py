@@ -17,7 +17,7 @@ def normal_(weight: torch.Tensor, std: float, generator: torch.Generator) -> Non
 
 @torch.no_grad()
 def conv_default_(conv: nn.Conv1d, generator: torch.Generator) -> None:
-    # PyTorch's own Conv1d default (kaiming-uniform with a=sqrt(5)) reduces to U(-1/sqrt(fan_in), .).
+    # PyTorch's Conv1d default (kaiming-uniform, a=sqrt(5)) reduces to U(+-1/sqrt(fan_in)).
     fan_in = conv.weight.shape[1] * conv.weight.shape[2]
     bound = 1.0 / math.sqrt(fan_in)
     conv.weight.uniform_(-bound, bound, generator=generator)
