@@ -54,7 +54,7 @@ def test_public_api() -> None:
         "ssd",
         "ssd_state_update",
     }
-    assert typing.get_args(KernelBackend) == ("ref", "torch")
+    assert typing.get_args(KernelBackend) == ("ref", "torch", "triton")
 
 
 def test_default_is_torch() -> None:
@@ -86,13 +86,25 @@ def test_bad_argument_names_argument_and_allowed_values() -> None:
 
 
 @pytest.mark.parametrize("via_env", [True, False])
-def test_triton_is_refused_not_silently_replaced(
+def test_triton_on_cpu_needs_the_interpreter(
     monkeypatch: pytest.MonkeyPatch, via_env: bool
 ) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if via_env:
         monkeypatch.setenv("HYBRIDLAB_KERNELS", "triton")
-    with pytest.raises(NotImplementedError, match="Triton kernels are not available"):
+    with pytest.raises(RuntimeError, match="only runs under TRITON_INTERPRET=1"):
         hybridlab_kernels.ssd(*ssd_inputs(), backend=None if via_env else "triton")
+
+
+def test_triton_without_the_package_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        kernel_backend(torch.device("cuda"), "triton")
+
+
+def test_default_on_cuda_is_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_backend(torch.device("cuda")) == "triton"
 
 
 class Spy:
@@ -152,7 +164,7 @@ def test_choice_is_logged_once_per_op_device_and_backend(caplog: pytest.LogCaptu
     hybridlab_kernels.ssd(*ssd_inputs())
     messages = [r.getMessage() for r in caplog.records if r.name == "hybridlab.kernels"]
     assert messages == [
-        "selective_scan on cpu uses the 'torch' kernel backend (default)",
+        "selective_scan on cpu uses the 'torch' kernel backend (default on cpu)",
         "selective_scan on cpu uses the 'ref' kernel backend (backend= argument)",
-        "ssd on cpu uses the 'torch' kernel backend (default)",
+        "ssd on cpu uses the 'torch' kernel backend (default on cpu)",
     ]

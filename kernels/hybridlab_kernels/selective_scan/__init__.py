@@ -48,14 +48,15 @@ def selective_scan(
 
     Computes in float32 (float64 if u is float64) whatever the input dtypes or autocast.
     Returns y (batch, dim, L) in u.dtype, or (y, final_state (batch, dim, N) in the compute dtype)
-    if `return_final_state`. `backend` ("ref" | "torch") overrides $HYBRIDLAB_KERNELS.
+    if `return_final_state`. `backend` ("ref" | "torch" | "triton") overrides $HYBRIDLAB_KERNELS.
     """
     _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    impl = (
-        selective_scan_ref
-        if kernel_backend(u.device, backend, op=_OP) == "ref"
-        else selective_scan_chunked
-    )
+    choice = kernel_backend(u.device, backend, op=_OP)
+    if choice == "triton":
+        # Imported on demand: triton is an optional, GPU-host dependency.
+        from .triton_scan import selective_scan_triton as impl
+    else:
+        impl = selective_scan_ref if choice == "ref" else selective_scan_chunked
     return impl(
         u,
         delta,

@@ -44,10 +44,15 @@ def ssd(
     Computes in float32 (float64 if x is float64) whatever the input dtypes or autocast.
     Returns y (batch, L, H, P) in x.dtype, or (y, final_state (batch, H, P, N) in the compute
     dtype) if `return_final_state`. `chunk_size` only affects the "torch" backend.
-    `backend` ("ref" | "torch") overrides $HYBRIDLAB_KERNELS.
+    `backend` ("ref" | "torch" | "triton") overrides $HYBRIDLAB_KERNELS.
     """
     _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state)
-    impl = ssd_ref if kernel_backend(x.device, backend, op=_OP) == "ref" else ssd_chunked
+    choice = kernel_backend(x.device, backend, op=_OP)
+    if choice == "triton":
+        # Imported on demand: triton is an optional, GPU-host dependency.
+        from .triton_ssd import ssd_triton as impl
+    else:
+        impl = ssd_ref if choice == "ref" else ssd_chunked
     return impl(
         x,
         dt,
