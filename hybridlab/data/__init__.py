@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpora and synthetic proxy tasks, all offline and seeded."""

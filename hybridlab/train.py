@@ -1,0 +1,290 @@
+"""Train one candidate: AdamW, warmup + cosine, clipping, NaN guard, budgets, checkpoint/resume.
+
+The trainer knows nothing of the search: evaluation results go to an optional callback (the search
+reports them to Optuna for pruning; returning True stops training), and the outcome, including why
+training stopped, comes back as a ``TrainResult`` the caller records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hybridlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hybridlab.config import ConfigError
+from hybridlab.data.task import IGNORE, Batch, TaskData
+from hybridlab.model import HybridLM
+
+Status = Literal["completed", "budget", "stopped", "diverged"]
+EvalCallback = Callable[[int, dict[str, float]], bool | None]
+
+# Parameters that get no weight decay besides every vector: the SSM's own dynamics.
+NO_DECAY_SUFFIXES = ("A_log", ".D", "dt_bias", "dt_proj.bias")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end (and never when diverged)
+    keep_checkpoints: int = 2
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads for this trial; None leaves torch's setting
+    device: str = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
+            _require(getattr(self, name) > 0, name, "must be positive")
+        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "seed"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0")
+        _require(self.lr > 0, "lr", "must be positive")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.threads is None or self.threads > 0, "threads", "must be positive")
+        _require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive")
+        _require(self.max_seconds is None or self.max_seconds > 0, "max_seconds",
+                 "must be positive")
+        _require(self.precision in ("auto", "fp32", "bf16"), "precision",
+                 "must be auto, fp32 or bf16")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"train.{key}", f"unknown field; expected one of {sorted(known)}",
+                                  source=source)
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"train.{err.field}", err.message, source=source) from None
+        except TypeError as err:
+            raise ConfigError("train", str(err), source=source) from None
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+@dataclass
+class TrainResult:
+    status: Status
+    reason: str
+    steps: int
+    tokens: int
+    seconds: float
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]] = field(default_factory=list)  # {step, split, metric, value}
+    checkpoint: Path | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``cfg.steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        if param.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    # SSM parameters stay fp32: autocast only changes the dtype of matmul inputs, and the scans
+    # compute in fp32 from fp32 A_log / D / dt bias.
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over scored positions. logits (B, L, V), targets (B, L)."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: HybridLM, task: TaskData, *, batch_size: int, precision: str = "auto"
+) -> dict[str, float]:
+    """Loss and accuracy at the scored positions of the task's fixed test set (+ bits/byte)."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct, total_scored = 0.0, 0, 0
+    for batch in task.eval_batches(batch_size):
+        batch = batch.to(model.device)
+        with _autocast(model.device, precision):
+            logits = model(batch.inputs)
+        mask = batch.mask
+        scored = int(mask.sum())
+        if scored == 0:
+            continue
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total_loss += float(loss)
+        total_correct += int((logits.argmax(-1) == batch.targets)[mask].sum())
+        total_scored += scored
+    model.train(was_training)
+    if total_scored == 0:
+        raise ValueError(f"task {task.name!r}: the evaluation set has no scored positions")
+    metrics = {"loss": total_loss / total_scored, "accuracy": total_correct / total_scored}
+    if task.metric == "bits_per_byte":
+        metrics["bits_per_byte"] = metrics["loss"] / math.log(2) / task.bytes_per_token
+    return metrics
+
+
+def train(
+    model: HybridLM,
+    task: TaskData,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    callback: EvalCallback | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` on ``task``; resumes from the newest complete checkpoint in the folder.
+
+    Stops at ``cfg.steps`` ("completed"), at a token or time budget ("budget"), when the callback
+    returns True ("stopped"), or on a non-finite loss ("diverged", with the step in the reason).
+    """
+    if task.vocab_size > model.config.vocab_size:
+        raise ConfigError("vocab_size", f"the task needs {task.vocab_size} tokens but the "
+                          f"model has {model.config.vocab_size}")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    step, tokens, seconds_before = 0, 0, 0.0
+    curve: list[dict[str, Any]] = []
+    if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(found, model)
+        optimizer.load_state_dict(state["optimizer"])
+        data_rng.set_state(state["data_rng"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+        seconds_before = float(state["seconds"])
+        curve = list(state["curve"])
+
+    start = time.perf_counter()
+
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - start
+
+    def checkpoint() -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        state = {
+            "optimizer": optimizer.state_dict(), "data_rng": data_rng.get_state(),
+            "step": step, "tokens": tokens, "seconds": elapsed(), "curve": curve,
+        }
+        return save_checkpoint(checkpoint_dir, step, model=model, train_state=state,
+                               keep=cfg.keep_checkpoints)
+
+    def result(status: Status, reason: str, metrics: dict[str, float], path: Path | None):
+        return TrainResult(status=status, reason=reason, steps=step, tokens=tokens,
+                           seconds=elapsed(), metrics=metrics, curve=curve, checkpoint=path)
+
+    status: Status = "completed"
+    reason = f"reached {cfg.steps} steps"
+    metrics: dict[str, float] = {}
+    evaluated_at = -1
+    running_loss, running_count = 0.0, 0
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=task.name, leave=False)
+    try:
+        while step < cfg.steps:
+            if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+                status, reason = "budget", f"token budget of {cfg.max_tokens} reached"
+                break
+            if cfg.max_seconds is not None and elapsed() >= cfg.max_seconds:
+                status, reason = "budget", f"time budget of {cfg.max_seconds} s reached"
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            batch: Batch = task.train_batch(cfg.batch_size, data_rng).to(device)
+            with _autocast(device, cfg.precision):
+                logits = model(batch.inputs)
+            loss = masked_loss(logits, batch.targets)
+            if not torch.isfinite(loss.detach()):
+                return result("diverged", f"loss became {loss.item()} at step {step + 1}",
+                              metrics, None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            tokens += batch.inputs.numel()
+            running_loss += loss.item()
+            running_count += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                curve.append({"step": step, "split": "train", "metric": "loss",
+                              "value": running_loss / running_count})
+                bar.set_postfix(loss=f"{running_loss / running_count:.3f}")
+                running_loss, running_count = 0.0, 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = evaluate(model, task, batch_size=cfg.eval_batch_size,
+                                   precision=cfg.precision)
+                evaluated_at = step
+                curve += [{"step": step, "split": "test", "metric": k, "value": v}
+                          for k, v in metrics.items()]
+                if callback is not None and callback(step, metrics):
+                    status, reason = "stopped", f"stopped by the evaluation callback at step {step}"
+                    break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint()
+    finally:
+        bar.close()
+    if evaluated_at != step:
+        metrics = evaluate(model, task, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+        curve += [{"step": step, "split": "test", "metric": k, "value": v}
+                  for k, v in metrics.items()]
+    return result(status, reason, metrics, checkpoint())

@@ -1,0 +1,194 @@
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from hybridlab.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba1Spec, Mamba2Spec
+from hybridlab.data.task import IGNORE, Batch
+from hybridlab.model import HybridLM
+from hybridlab.train import TrainConfig, build_optimizer, lr_at, train
+
+
+@dataclass
+class ShiftTask:
+    """Predict the token seen ``lag`` steps ago: learnable by any mixer, scored after ``lag``."""
+
+    vocab_size: int = 16
+    seq_len: int = 24
+    lag: int = 2
+    name: str = "shift"
+    metric: str = "accuracy"
+    bytes_per_token: float = 1.0
+    interrupt_after: int | None = None
+    draws: int = 0
+
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "lag": self.lag}
+
+    def _make(self, n: int, generator: torch.Generator) -> Batch:
+        inputs = torch.randint(self.vocab_size, (n, self.seq_len), generator=generator)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, self.lag - 1 : -1] = inputs[:, : -self.lag]
+        return Batch(inputs, targets)
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        self.draws += 1
+        if self.interrupt_after is not None and self.draws > self.interrupt_after:
+            raise KeyboardInterrupt("simulated crash")
+        return self._make(batch_size, generator)
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        yield self._make(batch_size, torch.Generator().manual_seed(10_000))
+
+
+def small_model(pattern: str = "m*M", seed: int = 0) -> HybridLM:
+    config = ArchConfig.from_pattern(
+        pattern, d_model=32, vocab_size=16, mamba1=Mamba1Spec(d_state=8),
+        mamba2=Mamba2Spec(d_state=8, headdim=16, chunk_size=8), attention=AttentionSpec(n_heads=2),
+    )
+    return HybridLM(config, seed=seed)
+
+
+FAST = dict(batch_size=8, lr=1e-2, warmup_steps=3, eval_every=5, eval_batch_size=16, log_every=2)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(steps=14, checkpoint_every=4, seed=3, **FAST)
+    straight = small_model()
+    done = train(straight, ShiftTask(), cfg, checkpoint_dir=tmp_path / "a")
+    assert done.status == "completed" and done.steps == 14
+
+    crashed = small_model()
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed, ShiftTask(interrupt_after=10), cfg, checkpoint_dir=tmp_path / "b")
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000008"
+    resumed_model = small_model(seed=99)  # fresh process: weights come from the checkpoint
+    resumed = train(resumed_model, ShiftTask(), cfg, checkpoint_dir=tmp_path / "b")
+    assert resumed.steps == 14 and resumed.tokens == done.tokens
+    for (name, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.metrics == done.metrics
+
+
+def test_nan_loss_ends_training_with_reason(tmp_path):
+    model = small_model()
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 4 else output
+
+    model.backbone.layers[1].register_forward_hook(poison)
+    result = train(model, ShiftTask(), TrainConfig(steps=10, **FAST), checkpoint_dir=tmp_path)
+    assert result.status == "diverged"
+    assert result.reason == "loss became nan at step 4"
+    assert result.steps == 3
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    model = small_model()
+    path = save_checkpoint(tmp_path, 5, model=model, train_state={"step": 5})
+    data = (path / MODEL_FILE).read_bytes()
+    (path / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupted"):
+        load_checkpoint(path, small_model())
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train(small_model(), ShiftTask(), TrainConfig(steps=8, **FAST), checkpoint_dir=tmp_path)
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    model = small_model()
+    save_checkpoint(tmp_path, 5, model=model, train_state={"step": 5})
+    unfinished = save_checkpoint(tmp_path, 9, model=model, train_state={"step": 9})
+    (unfinished / "COMPLETE").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_00000005"
+    with pytest.raises(CheckpointError, match="never finished"):
+        load_checkpoint(unfinished, model)
+
+
+def test_checkpoint_round_trip_restores_weights(tmp_path):
+    model = small_model(seed=1)
+    path = save_checkpoint(tmp_path, 1, model=model, train_state={"step": 1,
+                                                                  "x": torch.arange(3)})
+    other = small_model(seed=2)
+    state = load_checkpoint(path, other)
+    assert torch.equal(state["x"], torch.arange(3))
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    model = small_model()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model=model, train_state={}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_ssm_parameters_norms_and_biases_get_no_weight_decay():
+    model = small_model("mM*-")
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay_group, no_decay_group = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in no_decay_group["params"]}
+    decayed = {names[id(p)] for p in decay_group["params"]}
+    assert "backbone.layers.0.mixer.A_log" in no_decay  # 2-D, excluded by name
+    for suffix in ("mixer.D", "dt_proj.bias", "dt_bias", "norm.weight", "conv1d.bias"):
+        assert any(n.endswith(suffix) for n in no_decay), suffix
+    assert not any(n.endswith(("A_log", ".D", "norm.weight")) for n in decayed)
+    assert "backbone.layers.2.mixer.in_proj.weight" in decayed
+    assert len(no_decay) + len(decayed) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    steps = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_budgets_and_callback_stop_training():
+    tokens = train(small_model(), ShiftTask(), TrainConfig(steps=50, max_tokens=8 * 24 * 3,
+                                                           **FAST))
+    assert (tokens.status, tokens.steps) == ("budget", 3)
+    seen = []
+    stopped = train(small_model(), ShiftTask(), TrainConfig(steps=50, **FAST),
+                    callback=lambda step, m: seen.append(step) or step >= 10)
+    assert stopped.status == "stopped" and stopped.steps == 10 and seen == [5, 10]
+
+
+def test_training_learns_and_records_curves():
+    result = train(small_model("m-"), ShiftTask(),
+                   TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=30,
+                               eval_batch_size=64, log_every=10, seed=0, threads=2))
+    assert result.status == "completed"
+    assert result.metrics["accuracy"] > 0.9
+    train_losses = [c["value"] for c in result.curve if c["split"] == "train"]
+    assert len(train_losses) == 6 and train_losses[-1] < train_losses[0] / 3
+    assert torch.get_num_threads() == 2
+
+
+def test_bad_train_config_names_field():
+    with pytest.raises(ConfigError, match=r"train.lr: must be positive"):
+        TrainConfig.from_dict({"lr": 0})
+    with pytest.raises(ConfigError, match=r"train.stepz: unknown field"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_model_too_small_for_task_vocab_is_refused():
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train(small_model(), ShiftTask(vocab_size=40), TrainConfig(steps=1, **FAST))
