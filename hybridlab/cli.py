@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
-from hybridlab.config import ArchConfig, ConfigError
+from hybridlab.checkpoint import CheckpointError
+from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
 from hybridlab.cost import cost_report, measure_tokens_per_second
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
+from hybridlab.search.storage import StorageError
+from hybridlab.train import TrainConfig, train
 
 
 def load_arch(spec: str) -> ArchConfig:
@@ -71,7 +78,105 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"inspect": inspect}
+def _parse_value(text: str) -> object:
+    """A command-line value as YAML reads it: 4 -> int, 0.5 -> float, true -> bool."""
+    return yaml.safe_load(text)
+
+
+def _options(pairs: Sequence[str], flag: str) -> dict[str, object]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(flag, f"expected KEY=VALUE, got {pair!r}")
+        options[key] = _parse_value(value)
+    return options
+
+
+def load_train_config(path: str | None, overrides: dict[str, object]) -> TrainConfig:
+    data: dict[str, object] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError("<file>", "no such file", source=path)
+        loaded, _ = load_yaml_with_lines(Path(path).read_text(), source=path)
+        if not isinstance(loaded, dict):
+            raise ConfigError("<document>", "must be a mapping of train settings", source=path)
+        data.update(loaded)
+    data.update(overrides)
+    return TrainConfig.from_dict(data, source=path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Train one architecture on a task and print its metrics and checkpoint folder."""
+    from hybridlab.data.tasks import make_task
+
+    overrides: dict[str, object] = {"seed": args.seed}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.device is not None:
+        overrides["device"] = args.device
+    overrides.update(_options(args.set, "--set"))
+    cfg = load_train_config(args.config, overrides)
+    task = make_task(args.task, seed=args.seed, **_options(args.task_option, "--task-option"))
+    arch = load_arch(args.arch)
+    if arch.vocab_size != task.vocab_size:
+        print(f"vocab_size {arch.vocab_size} -> {task.vocab_size} (the task's vocabulary)")
+        arch = dataclasses.replace(arch, vocab_size=task.vocab_size)
+    out = Path(args.out) if args.out else (
+        Path("runs/train") / f"{arch.canonical_hash()}-{_slug(args.task)}-s{args.seed}")
+    print(f"training {arch.pattern} ({arch.canonical_hash()}) on {task.name}: "
+          f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, checkpoints in {out}")
+    model = HybridLM(arch, seed=args.seed)
+    result = train(model, task, cfg, checkpoint_dir=out, progress=sys.stderr.isatty())
+    if out.is_dir():
+        arch.save(out / "arch.yaml")
+    summary = {
+        "status": result.status, "reason": result.reason, "steps": result.steps,
+        "tokens": result.tokens, "seconds": round(result.seconds, 2),
+        "metrics": result.metrics, "checkpoint": str(result.checkpoint) if result.checkpoint
+        else None, "task": task.fingerprint(),
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if result.status != "diverged" else 1
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Run an architecture search: Optuna proposes, Ray workers train, the database records."""
+    from hybridlab.search.runner import run_search
+
+    summary = run_search(
+        args.space, study=args.study, storage_url=args.storage, workers=args.workers,
+        trials=args.trials, ray_address=args.ray_address, runs_dir=args.runs_dir,
+        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+    )
+    print(f"done: {summary.finished} trials finished ({summary.complete} complete, "
+          f"{summary.pruned} pruned or rejected, {summary.failed} failed attempts) in "
+          f"{summary.wall_seconds:.1f} s; training {summary.train_seconds:.1f} worker-s, "
+          f"time outside training {100 * summary.overhead_share:.0f}% of worker time")
+    print(f"inspect: hybridlab status --study {summary.study} --storage {summary.storage_url}")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """Show a study's trials: state, pattern, cost and objectives."""
+    from hybridlab.search.status import study_table
+
+    print(study_table(args.study, args.storage, runs_dir=args.runs_dir))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": inspect,
+    "train": train_command,
+    "search": search_command,
+    "status": status_command,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--generate", type=int, default=16, help="tokens to decode")
     p.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help=train_command.__doc__, description=train_command.__doc__)
+    t.add_argument("arch", help="architecture file or preset name")
+    t.add_argument("--task", required=True,
+                   help="mqar | mad:<task> | corpus | corpus:<path to text, folder or JSONL>")
+    t.add_argument("--steps", type=int, help="training steps (overrides the train config)")
+    t.add_argument("--config", help="YAML file of train settings (see hybridlab.train.TrainConfig)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one train setting, e.g. --set lr=0.003")
+    t.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task knob, e.g. --task-option num_kv_pairs=8")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--device", help="cpu | cuda | cuda:N")
+    t.add_argument("--out", help="checkpoint folder (default: runs/train/<hash>-<task>-s<seed>)")
+
+    s = sub.add_parser("search", help=search_command.__doc__, description=search_command.__doc__)
+    s.add_argument("space", help="search-space YAML file (see search_spaces/)")
+    s.add_argument("--study", help="study name (default: the space's name); reuse it to resume")
+    s.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
+    s.add_argument("--workers", type=int, help="Ray workers (default: the space's)")
+    s.add_argument("--trials", type=int, help="finished trials to reach (default: the space's)")
+    s.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
+    s.add_argument("--runs-dir", default="runs", help="outputs: databases, checkpoints")
+    s.add_argument("--heartbeat-interval", type=int, default=10,
+                   help="seconds between a running trial's heartbeats")
+    s.add_argument("--grace-period", type=int, default=30,
+                   help="seconds without a heartbeat before a trial counts as dead and is retried")
+
+    st = sub.add_parser("status", help=status_command.__doc__, description=status_command.__doc__)
+    st.add_argument("--study", help="study name (default: the only study in the database)")
+    st.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
+    st.add_argument("--runs-dir", default="runs")
     return parser
 
 
@@ -93,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, StorageError, CheckpointError) as err:
         print(f"hybridlab {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -102,6 +102,7 @@ class TrainResult:
     metrics: dict[str, float]
     curve: list[dict[str, Any]] = field(default_factory=list)  # {step, split, metric, value}
     checkpoint: Path | None = None
+    resumed_from: int = 0  # the step of the checkpoint this run continued from (0: fresh)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -203,13 +204,14 @@ def train(
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    step, tokens, seconds_before = 0, 0, 0.0
+    step, tokens, seconds_before, resumed_from = 0, 0, 0.0, 0
     curve: list[dict[str, Any]] = []
     if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
         state = load_checkpoint(found, model)
         optimizer.load_state_dict(state["optimizer"])
         data_rng.set_state(state["data_rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
+        resumed_from = step
         seconds_before = float(state["seconds"])
         curve = list(state["curve"])
 
@@ -230,7 +232,8 @@ def train(
 
     def result(status: Status, reason: str, metrics: dict[str, float], path: Path | None):
         return TrainResult(status=status, reason=reason, steps=step, tokens=tokens,
-                           seconds=elapsed(), metrics=metrics, curve=curve, checkpoint=path)
+                           seconds=elapsed(), metrics=metrics, curve=curve, checkpoint=path,
+                           resumed_from=resumed_from)
 
     status: Status = "completed"
     reason = f"reached {cfg.steps} steps"

@@ -1,0 +1,270 @@
+"""One trial: sample -> price -> (reject | reuse | train) -> objectives, all recorded.
+
+A candidate that breaks a rule or budget is recorded as rejected and ends PRUNED without training;
+one whose genome was already trained in this study reuses the stored objectives (and says so); the
+rest train with checkpoints keyed by genome and train settings, so a retried trial resumes where
+its failed predecessor stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from hybridlab import code_version
+from hybridlab.checkpoint import MODEL_FILE
+from hybridlab.config import ArchConfig
+from hybridlab.cost import (
+    flops_per_token,
+    inference_state_bytes,
+    measure_tokens_per_second,
+    param_count,
+)
+from hybridlab.data.synthetic import MAD_TASKS
+from hybridlab.data.task import TaskData
+from hybridlab.data.tasks import make_task
+from hybridlab.model import HybridLM
+from hybridlab.search.space import Rejected, SearchSpace, check_budgets, sample_architecture
+from hybridlab.search.storage import (
+    Artifact,
+    Candidate,
+    CurvePoint,
+    Evaluation,
+    Slot,
+    session_scope,
+)
+from hybridlab.train import TrainResult, train
+
+SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
+
+
+def make_tasks(spec: str, *, seed: int, options: dict[str, Any]) -> list[TaskData]:
+    """One task, or every task of a suite ("mad:all": the six MAD tasks, trained separately)."""
+    return [make_task(name, seed=seed, **options) for name in SUITES.get(spec, (spec,))]
+
+
+def train_settings_hash(space: SearchSpace, task: TaskData) -> str:
+    """What besides the genome decides the trained weights: train settings and exact data."""
+    payload = {"train": asdict(space.train), "task": task.fingerprint()}
+    for volatile in ("threads", "device"):
+        payload["train"].pop(volatile)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
+    context = space.budgets.state_context
+    return {
+        "params": param_count(arch),
+        "flops_per_token": flops_per_token(arch, context),
+        "state_bytes": inference_state_bytes(arch, context),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Objective:
+    """The callable handed to ``study.optimize`` by each worker."""
+
+    def __init__(
+        self, space: SearchSpace, tasks: list[TaskData], *, study: str, engine: Engine,
+        artifacts_dir: Path, device: str = "cpu",
+    ) -> None:
+        self.space = space
+        self.tasks = tasks
+        self.study = study
+        self.engine = engine
+        self.artifacts_dir = artifacts_dir
+        self.device = device
+        self.slot: int | None = None
+        self.vocab_size = max(task.vocab_size for task in tasks)
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        if self.slot is not None:
+            with session_scope(self.engine) as session:
+                session.execute(sa.update(Slot).where(
+                    Slot.study == self.study, Slot.slot == self.slot).values(trial=trial.number))
+        try:
+            return self._run(trial)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            self._record(trial.number, status="failed", reason=f"{type(err).__name__}: {err}")
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
+        try:
+            arch = sample_architecture(trial, self.space, self.vocab_size)
+        except Rejected as rejected:
+            raise self._reject(trial, str(rejected)) from None
+        costs = candidate_costs(arch, self.space)
+        trial.set_user_attr("pattern", arch.pattern)
+        trial.set_user_attr("genome_hash", arch.canonical_hash())
+        for key, value in costs.items():
+            trial.set_user_attr(key, value)
+        try:
+            check_budgets(self.space.budgets, costs)
+        except Rejected as rejected:
+            raise self._reject(trial, str(rejected), arch=arch, costs=costs) from None
+
+        reused = self._find_trained(arch.canonical_hash())
+        if reused is not None:
+            trial.set_user_attr("reused_from", reused.trial)
+            self._record(trial.number, arch=arch, costs=costs, status="reused",
+                         reason=f"same genome as trial {reused.trial}",
+                         reused_from=reused.trial, objectives=reused.objectives,
+                         tokens_per_second=reused.tokens_per_second)
+            return self._values(reused.objectives)
+
+        model = HybridLM(arch, seed=self.space.seed).to(self.device)
+        tokens_per_second = measure_tokens_per_second(
+            model, batch_size=4, seqlen=self.tasks[0].seq_len, repeats=2, seed=self.space.seed)
+        costs = {**costs, "tokens_per_second": tokens_per_second}
+        trial.set_user_attr("tokens_per_second", tokens_per_second)
+        self._record(trial.number, arch=arch, costs=costs, status="running")
+
+        results = [self._train_on(trial, arch, task) for task in self.tasks]
+        trial.set_user_attr("train_seconds", sum(r.seconds for r in results))
+        trial.set_user_attr("train_status", [r.status for r in results])
+        resumed = max(r.resumed_from for r in results)
+        if resumed:
+            trial.set_user_attr("resumed_from_step", resumed)
+        for status, outcome in (("diverged", "failed"), ("stopped", "pruned")):
+            stopped = [r for r in results if r.status == status]
+            if stopped:
+                self._record(trial.number, arch=arch, costs=costs, status=outcome,
+                             reason=stopped[0].reason)
+                raise optuna.TrialPruned(stopped[0].reason)
+        metrics = _mean_metrics([r.metrics for r in results])
+        objectives = {**{k: float(v) for k, v in costs.items()}, **metrics}
+        self._record(trial.number, arch=arch, costs=costs, status="trained",
+                     reason=results[0].reason, objectives=objectives)
+        return self._values(objectives)
+
+    def _train_on(self, trial: optuna.Trial, arch: ArchConfig, task: TaskData) -> TrainResult:
+        """Train a fresh model on one task; a new seeded init for each task of a suite."""
+        model = HybridLM(arch, seed=self.space.seed).to(self.device)
+        # Optuna prunes on one curve: only a single-task, single-objective study reports.
+        prune = (len(self.tasks) == 1 and not self.space.multi_objective
+                 and self.space.pruner != "none")
+        metric = self.space.objectives[0].metric
+
+        def report(step: int, metrics: dict[str, float]) -> bool:
+            if not prune or metric not in metrics:
+                return False
+            trial.report(metrics[metric], step)
+            return trial.should_prune()
+
+        key = f"{arch.canonical_hash()}-{train_settings_hash(self.space, task)}"
+        folder = self.artifacts_dir / "checkpoints" / key
+        # Threads are set once per worker process, not per trial.
+        cfg = replace(self.space.train, device=self.device, threads=None)
+        result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
+        self._store_run(trial.number, task, result)
+        return result
+
+    def _values(self, objectives: dict[str, Any]) -> float | list[float]:
+        values = []
+        for objective in self.space.objectives:
+            value = objectives.get(objective.metric)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"objective {objective.metric!r} was not measured "
+                                 f"(have {sorted(objectives)})")
+            values.append(float(value))
+        return values[0] if len(values) == 1 else values
+
+    def _reject(self, trial: optuna.Trial, reason: str, *, arch: ArchConfig | None = None,
+                costs: dict[str, float] | None = None) -> optuna.TrialPruned:
+        """Record the rejection; the caller raises the returned exception."""
+        trial.set_user_attr("rejected", reason)
+        self._record(trial.number, arch=arch, costs=costs, status="rejected", reason=reason)
+        return optuna.TrialPruned(f"rejected: {reason}")
+
+    def _find_trained(self, genome_hash: str) -> Candidate | None:
+        with session_scope(self.engine) as session:
+            return session.scalars(
+                sa.select(Candidate).where(
+                    Candidate.study == self.study, Candidate.genome_hash == genome_hash,
+                    Candidate.status == "trained",
+                ).order_by(Candidate.trial).limit(1)
+            ).first()
+
+    def _record(self, trial: int, *, status: str, reason: str | None = None,
+                arch: ArchConfig | None = None, costs: dict[str, float] | None = None,
+                reused_from: int | None = None, objectives: dict[str, Any] | None = None,
+                tokens_per_second: float | None = None) -> None:
+        costs = costs or {}
+        fingerprints = [task.fingerprint() for task in self.tasks]
+        fingerprint = fingerprints[0] if len(fingerprints) == 1 else {"suite": fingerprints}
+        values = {
+            "genome_hash": arch.canonical_hash() if arch else None,
+            "pattern": arch.pattern if arch else None,
+            "arch": arch.to_dict() if arch else None,
+            "params": int(costs["params"]) if "params" in costs else None,
+            "flops_per_token": costs.get("flops_per_token"),
+            "state_bytes": int(costs["state_bytes"]) if "state_bytes" in costs else None,
+            "state_context": self.space.budgets.state_context if arch else None,
+            "tokens_per_second": costs.get("tokens_per_second", tokens_per_second),
+            "task": self.space.task,
+            "task_fingerprint": json.loads(json.dumps(fingerprint, default=str)),
+            "corpus_hash": fingerprints[0].get("corpus_hash"),
+            "code_version": code_version(),
+            "status": status,
+            "reason": reason,
+            "reused_from": reused_from,
+            "objectives": objectives,
+        }
+        with session_scope(self.engine) as session:
+            row = session.scalars(sa.select(Candidate).where(
+                Candidate.study == self.study, Candidate.trial == trial)).first()
+            if row is None:
+                session.add(Candidate(study=self.study, trial=trial, **values))
+            else:
+                for key, value in values.items():
+                    if value is not None or key in ("reason",):
+                        setattr(row, key, value)
+
+    def _store_run(self, trial: int, task: TaskData, result: TrainResult) -> None:
+        """Curve, final proxy metrics and checkpoint of one training run (replacing a retry's)."""
+        suite = len(self.tasks) > 1
+        with session_scope(self.engine) as session:
+            own_curve = CurvePoint.split.startswith(f"{task.name}/") if suite else sa.true()
+            session.execute(sa.delete(CurvePoint).where(
+                CurvePoint.study == self.study, CurvePoint.trial == trial, own_curve))
+            session.execute(sa.delete(Evaluation).where(
+                Evaluation.study == self.study, Evaluation.trial == trial,
+                Evaluation.task == task.name))
+            for point in result.curve:
+                split = f"{task.name}/{point['split']}" if suite else point["split"]
+                session.add(CurvePoint(study=self.study, trial=trial, step=point["step"],
+                                       split=split, metric=point["metric"],
+                                       value=point["value"]))
+            for metric, value in result.metrics.items():
+                session.add(Evaluation(study=self.study, trial=trial, task=task.name,
+                                       metric=metric, value=value, stderr=None,
+                                       harness="hybridlab-proxy", harness_version=code_version()))
+            if result.checkpoint is not None:
+                weights = result.checkpoint / MODEL_FILE
+                session.add(Artifact(study=self.study, trial=trial, kind=f"checkpoint:{task.name}",
+                                     path=str(result.checkpoint.resolve()),
+                                     sha256=_sha256(weights)))
+
+
+def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over the runs of a suite (the metrics every run reported)."""
+    shared = set.intersection(*(set(m) for m in runs))
+    return {key: sum(m[key] for m in runs) / len(runs) for key in sorted(shared)}

@@ -1,0 +1,656 @@
+"""Search spaces: a YAML file -> a validated ``SearchSpace`` -> Optuna suggestions -> ArchConfig.
+
+This module only samples: it never trains. Every error names the file, the field and the YAML line,
+and is raised before anything is created in a database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+
+from hybridlab.config import (
+    LAYER_SPECS,
+    ArchConfig,
+    AttentionSpec,
+    ConfigError,
+    LayerSpec,
+    Mamba2Spec,
+    MLPSpec,
+    load_yaml_with_lines,
+)
+from hybridlab.cost import param_count
+from hybridlab.train import TrainConfig
+
+LAYER_TYPES = tuple(LAYER_SPECS)
+MIXER_TYPES = ("mamba1", "mamba2", "attention")
+COST_METRICS = ("params", "flops_per_token", "state_bytes", "tokens_per_second")
+TASK_METRICS = ("accuracy", "loss", "bits_per_byte")
+SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
+PRUNERS = ("none", "hyperband", "successive_halving", "median")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[Any, ...]
+
+
+Param = IntRange | FloatRange | Choice
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatternRules:
+    attention_count: tuple[int, int | None] = (0, None)
+    attention_fraction: tuple[float, float] = (0.0, 1.0)
+    first_layer: tuple[str, ...] | None = None
+    last_layer: tuple[str, ...] | None = None
+    # "always": an MLP after every mixer (Transformer-style blocks); "never": no MLP layers;
+    # "search": MLP is one more layer type to choose.
+    mlp_after_mixer: Literal["always", "never", "search"] = "search"
+    # Periodic template: every k-th mixer is attention and the others are not ("1 in k").
+    attention_every: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpace:
+    d_model: Param
+    depth: IntRange
+    layer_types: tuple[str, ...]
+    layer_params: Mapping[str, Mapping[str, Param]]
+    rules: PatternRules = PatternRules()
+    tie_embeddings: bool = True
+    # One setting per layer type for the whole stack, instead of one per layer.
+    share_layer_params: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budgets:
+    max_params: int | None = None
+    max_state_bytes: int | None = None
+    state_context: int = 4096
+    max_flops_per_token: float | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: Literal["maximize", "minimize"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    name: str
+    seed: int
+    task: str
+    task_options: Mapping[str, Any]
+    train: TrainConfig
+    model: ModelSpace
+    budgets: Budgets
+    objectives: tuple[Objective, ...]
+    sampler: str = "tpe"
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    pruner: str = "hyperband"
+    trials: int = 8
+    workers: int = 1
+    resources: Resources = Resources()
+    source: str | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+class _Reader:
+    """Reads typed fields out of the parsed YAML, raising ConfigError with file and line."""
+
+    def __init__(self, source: str | None, lines: Mapping[str, int]) -> None:
+        self.source = source
+        self.lines = lines
+
+    def error(self, path: str, message: str) -> ConfigError:
+        line = None
+        probe = path
+        while probe:
+            if probe in self.lines:
+                line = self.lines[probe]
+                break
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return ConfigError(path, message, source=self.source, line=line)
+
+    def mapping(self, value: Any, path: str, allowed: Sequence[str]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(path, f"must be a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                raise self.error(where, f"unknown field; expected one of {sorted(allowed)}")
+        return value
+
+    def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(path, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(path, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, value: Any, path: str, *, minimum: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(path, f"must be a number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(path, f"must be >= {minimum}, got {value}")
+        return float(value)
+
+    def one_of(self, value: Any, path: str, options: Sequence[str]) -> str:
+        if value not in options:
+            raise self.error(path, f"must be one of {list(options)}, got {value!r}")
+        return value
+
+    def type_list(self, value: Any, path: str, allowed: Sequence[str]) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise self.error(path, "must be a non-empty list of layer types")
+        for i, item in enumerate(items):
+            self.one_of(item, f"{path}[{i}]", allowed)
+        return tuple(items)
+
+    def param(self, value: Any, path: str, kind: type) -> Param:
+        """A search parameter: a fixed value, a list of choices, or {low, high[, step, log]}."""
+        if isinstance(value, list):
+            if not value:
+                raise self.error(path, "empty list of choices")
+            for i, item in enumerate(value):
+                self._scalar(item, f"{path}[{i}]", kind)
+            return Choice(tuple(value))
+        if isinstance(value, Mapping):
+            self.mapping(value, path, ("low", "high", "step", "log"))
+            for key in ("low", "high"):
+                if key not in value:
+                    raise self.error(f"{path}.{key}", "missing (a range needs low and high)")
+            log = value.get("log", False)
+            if not isinstance(log, bool):
+                raise self.error(f"{path}.log", f"must be true or false, got {log!r}")
+            if kind is int:
+                low = self.integer(value["low"], f"{path}.low")
+                high = self.integer(value["high"], f"{path}.high")
+                step = self.integer(value.get("step", 1), f"{path}.step", minimum=1)
+                result: Param = IntRange(low, high, step, log)
+            else:
+                low = self.number(value["low"], f"{path}.low")
+                high = self.number(value["high"], f"{path}.high")
+                if "step" in value:
+                    raise self.error(f"{path}.step", "only integer ranges take a step")
+                result = FloatRange(low, high, log)
+            if low > high:
+                raise self.error(path, f"low ({low}) > high ({high})")
+            if log and low <= 0:
+                raise self.error(f"{path}.low", "a log range needs low > 0")
+            return result
+        self._scalar(value, path, kind)
+        return Choice((value,))
+
+    def _scalar(self, value: Any, path: str, kind: type) -> None:
+        if value is None:
+            return
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise self.error(path, f"must be true or false, got {value!r}")
+        elif kind is int:
+            self.integer(value, path, minimum=1)
+        elif kind is float:
+            self.number(value, path)
+            if value <= 0:
+                raise self.error(path, f"must be positive, got {value}")
+        elif kind is str and value != "auto":
+            self.integer(value, path, minimum=1)
+
+
+def _field_kinds(spec_cls: type) -> dict[str, type]:
+    kinds = {}
+    for f in dataclasses.fields(spec_cls):
+        default = f.default
+        if isinstance(default, bool):
+            kinds[f.name] = bool
+        elif isinstance(default, float):
+            kinds[f.name] = float
+        elif f.name == "dt_rank":
+            kinds[f.name] = str
+        else:
+            kinds[f.name] = int
+    return kinds
+
+
+TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "sampler",
+            "pruner", "trials", "workers", "resources")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", "no such search-space file", source=str(path))
+    return parse_space(path.read_text(), source=str(path), default_name=path.stem)
+
+
+def parse_space(
+    text: str, *, source: str | None = None, default_name: str = "search", check_task: bool = True
+) -> SearchSpace:
+    data, lines = load_yaml_with_lines(text, source=source)
+    r = _Reader(source, lines)
+    top = r.mapping(data, "", TOP_KEYS)
+    name = top.get("name", default_name)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise r.error("name", f"must be letters, digits, '-' or '_', got {name!r}")
+    seed = r.integer(top.get("seed", 0), "seed", minimum=0)
+
+    task_data = r.mapping(top.get("task"), "task", ("name", "options"))
+    if "name" not in task_data:
+        raise r.error("task.name", "missing (mqar | mad:<task> | corpus | corpus:<path>)")
+    task = task_data["name"]
+    if not isinstance(task, str):
+        raise r.error("task.name", f"must be a string, got {task!r}")
+    task_options = r.mapping(task_data.get("options"), "task.options",
+                             tuple(task_data.get("options") or ()))
+
+    train_data = r.mapping(top.get("train"), "train",
+                           [f.name for f in dataclasses.fields(TrainConfig)])
+    try:
+        train = TrainConfig(**{**train_data, "seed": seed})
+    except ConfigError as err:
+        raise r.error(f"train.{err.field}", err.message) from None
+
+    model = _parse_model(r, top.get("model"))
+    budgets = _parse_budgets(r, top.get("budgets"))
+    objectives = _parse_objectives(r, top.get("objectives"))
+
+    sampler_data = top.get("sampler", "tpe")
+    if isinstance(sampler_data, str):
+        sampler_data = {"name": sampler_data}
+    sampler_map = r.mapping(sampler_data, "sampler", ("name", "options"))
+    sampler = r.one_of(sampler_map.get("name", "tpe"), "sampler.name", SAMPLERS)
+    sampler_options = r.mapping(sampler_map.get("options"), "sampler.options",
+                                tuple(sampler_map.get("options") or ()))
+    pruner = r.one_of(top.get("pruner", "hyperband"), "pruner", PRUNERS)
+    if pruner != "none" and len(objectives) > 1:
+        raise r.error("pruner", "Optuna cannot prune multi-objective studies; use 'none'")
+    if sampler == "bruteforce":
+        _check_enumerable(r, model)
+
+    res = r.mapping(top.get("resources"), "resources",
+                    ("cpus_per_worker", "gpus_per_worker", "threads_per_worker"))
+    resources = Resources(
+        cpus_per_worker=r.number(res.get("cpus_per_worker", 1.0), "resources.cpus_per_worker",
+                                 minimum=0),
+        gpus_per_worker=r.number(res.get("gpus_per_worker", 0.0), "resources.gpus_per_worker",
+                                 minimum=0),
+        threads_per_worker=r.integer(res.get("threads_per_worker", 1),
+                                     "resources.threads_per_worker", minimum=1),
+    )
+    space = SearchSpace(
+        name=name, seed=seed, task=task, task_options=dict(task_options), train=train,
+        model=model, budgets=budgets, objectives=objectives, sampler=sampler,
+        sampler_options=dict(sampler_options), pruner=pruner,
+        trials=r.integer(top.get("trials", 8), "trials", minimum=1),
+        workers=r.integer(top.get("workers", 1), "workers", minimum=1),
+        resources=resources, source=source,
+    )
+    _check_feasible(r, space)
+    if check_task:
+        _check_task(r, task, dict(task_options), seed)
+    return space
+
+
+def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int) -> None:
+    """Build the task once so a bad name or knob fails here, not inside every worker."""
+    from hybridlab.search.objective import make_tasks
+
+    try:
+        make_tasks(task, seed=seed, options=options)
+    except (ValueError, TypeError) as err:
+        try:
+            make_tasks(task, seed=seed, options={})
+        except (ValueError, TypeError):
+            raise r.error("task.name", str(err)) from None
+        raise r.error("task.options", str(err)) from None
+
+
+def _parse_model(r: _Reader, data: Any) -> ModelSpace:
+    if data is None:
+        raise r.error("model", "missing: the space needs a model section")
+    keys = ("d_model", "depth", "layer_types", "rules", "tie_embeddings", "share_layer_params",
+            *LAYER_TYPES)
+    m = r.mapping(data, "model", keys)
+    for required in ("d_model", "depth", "layer_types"):
+        if required not in m:
+            raise r.error(f"model.{required}", "missing")
+    d_model = r.param(m["d_model"], "model.d_model", int)
+    depth_value = m["depth"]
+    if isinstance(depth_value, int) and not isinstance(depth_value, bool):
+        depth_value = {"low": depth_value, "high": depth_value}
+    depth = r.param(depth_value, "model.depth", int)
+    if not isinstance(depth, IntRange):
+        raise r.error("model.depth", "must be an integer or {low, high}")
+    if depth.low < 1:
+        raise r.error("model.depth.low", f"must be >= 1, got {depth.low}")
+    layer_types = r.type_list(m["layer_types"], "model.layer_types", LAYER_TYPES)
+    if not set(layer_types) & set(MIXER_TYPES):
+        raise r.error("model.layer_types", "needs at least one mixer type besides mlp")
+    rules = _parse_rules(r, m.get("rules"), layer_types)
+    placed = set(layer_types) | ({"mlp"} if rules.mlp_after_mixer == "always" else set())
+    layer_params: dict[str, dict[str, Param]] = {}
+    for kind in LAYER_TYPES:
+        spec_cls = LAYER_SPECS[kind]
+        kinds = _field_kinds(spec_cls)
+        block = r.mapping(m.get(kind), f"model.{kind}", tuple(kinds))
+        if block and kind not in placed:
+            raise r.error(f"model.{kind}", f"settings for {kind!r}, which is not in layer_types")
+        layer_params[kind] = {
+            key: r.param(value, f"model.{kind}.{key}", kinds[key]) for key, value in block.items()
+        }
+    tie = m.get("tie_embeddings", True)
+    share = m.get("share_layer_params", False)
+    for key, value in (("tie_embeddings", tie), ("share_layer_params", share)):
+        if not isinstance(value, bool):
+            raise r.error(f"model.{key}", f"must be true or false, got {value!r}")
+    return ModelSpace(d_model=d_model, depth=depth, layer_types=layer_types,
+                      layer_params=layer_params, rules=rules, tie_embeddings=tie,
+                      share_layer_params=share)
+
+
+def _range_pair(r: _Reader, value: Any, path: str, number: bool) -> tuple[Any, Any]:
+    read = r.number if number else r.integer
+    if isinstance(value, Mapping):
+        r.mapping(value, path, ("min", "max"))
+        low = read(value["min"], f"{path}.min", minimum=0) if "min" in value else 0
+        high = read(value["max"], f"{path}.max", minimum=0) if "max" in value else None
+    else:
+        low = high = read(value, path, minimum=0)
+    if high is not None and low > high:
+        raise r.error(path, f"min ({low}) > max ({high})")
+    return low, high
+
+
+def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> PatternRules:
+    keys = ("attention_count", "attention_fraction", "first_layer", "last_layer",
+            "mlp_after_mixer", "attention_every")
+    d = r.mapping(data, "model.rules", keys)
+    count = _range_pair(r, d.get("attention_count", {}), "model.rules.attention_count", False)
+    low_frac, high_frac = _range_pair(r, d.get("attention_fraction", {}),
+                                      "model.rules.attention_fraction", True)
+    high_frac = 1.0 if high_frac is None else high_frac
+    if high_frac > 1:
+        raise r.error("model.rules.attention_fraction.max", f"must be <= 1, got {high_frac}")
+    mixers = tuple(t for t in layer_types if t != "mlp") or layer_types
+    first = (r.type_list(d["first_layer"], "model.rules.first_layer", layer_types)
+             if "first_layer" in d else None)
+    last = (r.type_list(d["last_layer"], "model.rules.last_layer", layer_types)
+            if "last_layer" in d else None)
+    mlp_mode = d.get("mlp_after_mixer", "search")
+    if isinstance(mlp_mode, bool):
+        mlp_mode = "always" if mlp_mode else "never"
+    mlp_mode = r.one_of(mlp_mode, "model.rules.mlp_after_mixer", ("always", "never", "search"))
+    if mlp_mode != "search" and "mlp" in layer_types:
+        raise r.error("model.rules.mlp_after_mixer",
+                      f"{mlp_mode!r} places MLPs itself; remove 'mlp' from layer_types")
+    for key, chosen in (("first_layer", first), ("last_layer", last)):
+        if chosen and mlp_mode == "always" and "mlp" in chosen and key == "first_layer":
+            raise r.error(f"model.rules.{key}", "with mlp_after_mixer: always the first layer "
+                          "is a mixer")
+        if chosen and set(chosen) - set(layer_types) - ({"mlp"} if mlp_mode == "always" else set()):
+            raise r.error(f"model.rules.{key}", "lists a type that is not in layer_types")
+    every = d.get("attention_every")
+    if every is not None:
+        every = r.integer(every, "model.rules.attention_every", minimum=1)
+        if "attention" not in layer_types:
+            raise r.error("model.rules.attention_every", "needs 'attention' in layer_types")
+        if every > 1 and not set(mixers) - {"attention"}:
+            raise r.error("model.rules.attention_every",
+                          "the non-attention layers need another mixer type in layer_types")
+    if count[0] > 0 and "attention" not in layer_types:
+        raise r.error("model.rules.attention_count", "asks for attention layers, but "
+                      "'attention' is not in layer_types")
+    return PatternRules(attention_count=count, attention_fraction=(low_frac, high_frac),
+                        first_layer=first, last_layer=last, mlp_after_mixer=mlp_mode,
+                        attention_every=every)
+
+
+def _parse_budgets(r: _Reader, data: Any) -> Budgets:
+    b = r.mapping(data, "budgets",
+                  ("max_params", "max_state_bytes", "state_context", "max_flops_per_token"))
+    return Budgets(
+        max_params=r.integer(b["max_params"], "budgets.max_params", minimum=1)
+        if "max_params" in b else None,
+        max_state_bytes=r.integer(b["max_state_bytes"], "budgets.max_state_bytes", minimum=1)
+        if "max_state_bytes" in b else None,
+        state_context=r.integer(b.get("state_context", 4096), "budgets.state_context", minimum=1),
+        max_flops_per_token=r.number(b["max_flops_per_token"], "budgets.max_flops_per_token",
+                                     minimum=1) if "max_flops_per_token" in b else None,
+    )
+
+
+def _parse_objectives(r: _Reader, data: Any) -> tuple[Objective, ...]:
+    if data is None:
+        return (Objective("accuracy", "maximize"),)
+    if not isinstance(data, list) or not data:
+        raise r.error("objectives", "must be a non-empty list of {metric, direction}")
+    result = []
+    for i, item in enumerate(data):
+        path = f"objectives[{i}]"
+        o = r.mapping(item, path, ("metric", "direction"))
+        if "metric" not in o:
+            raise r.error(f"{path}.metric", "missing")
+        metric = r.one_of(o["metric"], f"{path}.metric", TASK_METRICS + COST_METRICS)
+        default = "maximize" if metric in ("accuracy", "tokens_per_second") else "minimize"
+        direction = r.one_of(o.get("direction", default), f"{path}.direction",
+                             ("maximize", "minimize"))
+        result.append(Objective(metric, direction))
+    if len({o.metric for o in result}) != len(result):
+        raise r.error("objectives", "lists a metric twice")
+    return tuple(result)
+
+
+def _check_enumerable(r: _Reader, model: ModelSpace) -> None:
+    params = [("model.d_model", model.d_model)] + [
+        (f"model.{kind}.{key}", p) for kind, ps in model.layer_params.items()
+        for key, p in ps.items()
+    ]
+    for path, p in params:
+        if isinstance(p, FloatRange):
+            raise r.error(path, "bruteforce needs lists or integer ranges, not a float range")
+
+
+def _check_feasible(r: _Reader, space: SearchSpace) -> None:
+    """Refuse rules and budgets that no architecture in the space can satisfy."""
+    m, rules = space.model, space.model.rules
+    depth_low, depth_high = m.depth.low, m.depth.high
+    count_low = rules.attention_count[0]
+    if count_low > depth_high:
+        raise r.error("model.rules.attention_count.min",
+                      f"asks for {count_low} attention layers but depth is at most {depth_high}")
+    feasible = any(
+        _attention_ok(depth, n, rules)
+        for depth in range(depth_low, depth_high + 1)
+        for n in range(depth + 1)
+        if n == 0 or "attention" in m.layer_types
+    )
+    if not feasible:
+        raise r.error("model.rules", "no depth in the range has an attention count that meets "
+                      "attention_count, attention_fraction and attention_every together")
+    if space.budgets.max_params is not None:
+        smallest = _smallest_params(m, space)
+        if smallest > space.budgets.max_params:
+            raise r.error("budgets.max_params", f"{space.budgets.max_params} is below the "
+                          f"smallest architecture in the space ({smallest} parameters)")
+
+
+def _attention_ok(depth: int, n_attention: int, rules: PatternRules) -> bool:
+    low, high = rules.attention_count
+    if n_attention < low or (high is not None and n_attention > high):
+        return False
+    frac = n_attention / depth
+    if not rules.attention_fraction[0] - 1e-9 <= frac <= rules.attention_fraction[1] + 1e-9:
+        return False
+    if rules.attention_every is not None:
+        return n_attention == depth // rules.attention_every
+    return True
+
+
+def _low(p: Param) -> Any:
+    if isinstance(p, Choice):
+        numeric = [v for v in p.values if isinstance(v, int | float) and not isinstance(v, bool)]
+        return min(numeric) if numeric else p.values[0]
+    return p.low
+
+
+def _smallest_params(m: ModelSpace, space: SearchSpace) -> int:
+    """A lower bound on parameters: the smallest d_model and depth, the cheapest layer type."""
+    d_model = int(_low(m.d_model))
+    vocab = int(space.task_options.get("vocab_size", 256))
+    cheapest = None
+    for kind in m.layer_types:
+        settings = {k: _low(p) for k, p in m.layer_params.get(kind, {}).items()}
+        try:
+            spec = LAYER_SPECS[kind](**{k: v for k, v in settings.items() if v is not None})
+            params = param_count(ArchConfig(d_model=d_model, vocab_size=vocab, layers=(spec,)))
+        except (ConfigError, TypeError):
+            continue
+        cheapest = params if cheapest is None else min(cheapest, params)
+    if cheapest is None:
+        return 0
+    embed = vocab * d_model + d_model
+    return embed + m.depth.low * (cheapest - embed)
+
+
+def suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
+    if isinstance(param, Choice):
+        if len(param.values) == 1:
+            return param.values[0]
+        return trial.suggest_categorical(name, list(param.values))
+    if isinstance(param, IntRange):
+        return trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+    return trial.suggest_float(name, param.low, param.high, log=param.log)
+
+
+class Rejected(Exception):
+    """A sampled architecture breaks a rule or a budget; it is recorded, never trained."""
+
+
+def _layer_types(trial: optuna.Trial, m: ModelSpace, depth: int) -> list[str]:
+    rules = m.rules
+    mixers = [t for t in m.layer_types if t != "mlp"]
+    types = []
+    for i in range(depth):
+        if rules.attention_every is not None:
+            if (i + 1) % rules.attention_every == 0:
+                types.append("attention")
+                continue
+            choices = [t for t in (mixers if rules.mlp_after_mixer != "search" else m.layer_types)
+                       if t != "attention"]
+            name = f"layer{i}.type_non_attention"
+        else:
+            choices = list(m.layer_types)
+            name = f"layer{i}.type"
+            if i == 0 and rules.first_layer:
+                choices, name = list(rules.first_layer), "first.type"
+            elif i == depth - 1 and depth > 1 and rules.last_layer:
+                choices, name = list(rules.last_layer), "last.type"
+        types.append(choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices))
+    return types
+
+
+def _spec(trial: optuna.Trial, m: ModelSpace, kind: str, index: int, d_model: int) -> LayerSpec:
+    prefix = kind if m.share_layer_params else f"layer{index}.{kind}"
+    values = {key: suggest(trial, f"{prefix}.{key}", p)
+              for key, p in m.layer_params.get(kind, {}).items()}
+    if kind == "attention":
+        n_heads = values.get("n_heads", AttentionSpec.n_heads)
+        kv = values.get("n_kv_heads")
+        if kv is not None and n_heads % kv:
+            # Repair instead of reject: the largest divisor of n_heads not above the sample.
+            values["n_kv_heads"] = max(k for k in range(1, kv + 1) if n_heads % k == 0)
+    if kind == "mamba2":
+        headdim = values.get("headdim", Mamba2Spec.headdim)
+        expand = values.get("expand", Mamba2Spec.expand)
+        if (expand * d_model) % headdim:
+            raise Rejected(f"layer {index}: mamba2 headdim {headdim} does not divide "
+                           f"expand * d_model = {expand * d_model}")
+    try:
+        return LAYER_SPECS[kind](**values)
+    except TypeError as err:
+        raise Rejected(f"layer {index}: {err}") from None
+
+
+def sample_architecture(trial: optuna.Trial, space: SearchSpace, vocab_size: int) -> ArchConfig:
+    """Turn Optuna suggestions into an ArchConfig, or raise Rejected with the reason."""
+    m = space.model
+    d_model = suggest(trial, "d_model", m.d_model)
+    depth = suggest(trial, "depth", m.depth)
+    types = _layer_types(trial, m, depth)
+    n_attention = types.count("attention")
+    n_mixers = sum(t != "mlp" for t in types)
+    rules = m.rules
+    low, high = rules.attention_count
+    if n_attention < low or (high is not None and n_attention > high):
+        raise Rejected(f"{n_attention} attention layers, the rules allow {low}..{high}")
+    fraction = n_attention / max(1, n_mixers)
+    if not rules.attention_fraction[0] - 1e-9 <= fraction <= rules.attention_fraction[1] + 1e-9:
+        raise Rejected(f"attention fraction {fraction:.2f} outside {rules.attention_fraction}")
+    if n_mixers == 0:
+        raise Rejected("no mixer layer (MLPs only)")
+    layers: list[LayerSpec] = []
+    for i, kind in enumerate(types):
+        layers.append(_spec(trial, m, kind, i, d_model))
+        if rules.mlp_after_mixer == "always":
+            layers.append(_spec(trial, m, "mlp", i, d_model) if m.layer_params.get("mlp")
+                          else MLPSpec())
+    try:
+        return ArchConfig(d_model=d_model, vocab_size=vocab_size, layers=tuple(layers),
+                          tie_embeddings=m.tie_embeddings)
+    except ConfigError as err:
+        raise Rejected(f"invalid architecture: {err}") from None
+
+
+def check_budgets(budgets: Budgets, costs: Mapping[str, float]) -> None:
+    """Raise Rejected when a candidate's costs break a budget."""
+    if budgets.max_params is not None and costs["params"] > budgets.max_params:
+        raise Rejected(f"{int(costs['params'])} parameters > budget {budgets.max_params}")
+    if budgets.max_state_bytes is not None and costs["state_bytes"] > budgets.max_state_bytes:
+        raise Rejected(f"{int(costs['state_bytes'])} inference-state bytes at context "
+                       f"{budgets.state_context} > budget {budgets.max_state_bytes}")
+    if (budgets.max_flops_per_token is not None
+            and costs["flops_per_token"] > budgets.max_flops_per_token):
+        raise Rejected(f"{costs['flops_per_token']:.3g} FLOPs/token > budget "
+                       f"{budgets.max_flops_per_token:.3g}")

@@ -1,0 +1,142 @@
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hybridlab.config import ConfigError
+from hybridlab.search.runner import run_search
+from hybridlab.search.space import (
+    Rejected,
+    load_space,
+    parse_space,
+    sample_architecture,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
+
+
+def write_space(folder: Path, text: str = TINY_SPACE) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+
+
+def mutate(old: str, new: str) -> str:
+    assert old in TINY_SPACE, old
+    return TINY_SPACE.replace(old, new)
+
+
+BAD_SPACES = [
+    # (mutated text, field named in the error, words in the message)
+    (mutate("trials: 4", "trails: 4"), "trails", "unknown field"),
+    (mutate("trials: 4", "trials: many"), "trials", "integer"),
+    (mutate("d_state: [4, 8]", "d_state: []"), "model.mamba1.d_state", "empty list"),
+    (mutate("depth: {low: 1, high: 2}", "depth: {low: 3, high: 2}"), "model.depth",
+     "low (3) > high"),
+    (mutate("[mamba1, mamba2, attention]", "[mamba1, transformer]"), "model.layer_types[1]",
+     "must be one of"),
+    (mutate("mlp_after_mixer: never", "mlp_after_mixer: never\n    attention_count: {min: 3}"),
+     "model.rules.attention_count.min", "at most 2"),
+    (mutate("mlp_after_mixer: never", "mlp_after_mixer: never\n    first_layer: [mlp]"),
+     "model.rules.first_layer[0]", "must be one of"),
+    (mutate("max_params: 100000", "max_params: 10"), "budgets.max_params", "smallest"),
+    (mutate("metric: accuracy", "metric: acuracy"), "objectives[0].metric", "must be one of"),
+    (mutate("  - {metric: accuracy, direction: maximize}\n",
+            "  - {metric: accuracy}\n  - {metric: params}\n").replace("pruner: none",
+                                                                     "pruner: hyperband"),
+     "pruner", "multi-objective"),
+    (mutate("lr: 0.003", "lr: -1"), "train.lr", "positive"),
+    (mutate("sampler: random", "sampler: annealing"), "sampler.name", "must be one of"),
+    (mutate("  attention: {n_heads: 2}", "  attention: {n_heads: 2}\n  mlp: {multiplier: [2.0]}"),
+     "model.mlp", "not in layer_types"),
+    (mutate("  name: mqar\n", "  options_typo: 1\n"), "task.options_typo", "unknown field"),
+    (mutate("mlp_after_mixer: never",
+            "mlp_after_mixer: never\n    attention_count: {min: 2, max: 1}"),
+     "model.rules.attention_count", "min (2) > max (1)"),
+    (mutate("cpus_per_worker: 1", "cpus_per_worker: -1"), "resources.cpus_per_worker", ">= 0"),
+    (mutate("d_model: 32", "d_model: {low: 32, high: 64, log: true, step: 0}"),
+     "model.d_model.step", ">= 1"),
+    (mutate("name: mqar", "name: mqqr"), "task.name", "mqqr"),
+    (mutate("num_kv_pairs: 2", "num_kv_pairs: 2, colour: red"), "task.options", "colour"),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "words"), BAD_SPACES,
+                         ids=[case[1] for case in BAD_SPACES])
+def test_malformed_space_is_rejected_before_anything_is_created(tmp_path, text, field, words):
+    path = write_space(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        run_search(path, runs_dir=tmp_path / "runs")
+    err = info.value
+    assert err.field == field
+    assert err.source == str(path)
+    assert str(err).startswith(f"{path}:")
+    assert words in err.message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_error_line_points_at_the_field(tmp_path):
+    path = write_space(tmp_path, mutate("lr: 0.003", "lr: -1"))
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    assert path.read_text().splitlines()[info.value.line - 1].strip() == "lr: -1"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "mqar", "mad", "lm-small", "production-like"])
+def test_shipped_spaces_load(name):
+    space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+    assert space.name == name
+
+
+def sample_many(text: str, n: int = 40, seed: int = 0):
+    space = parse_space(text)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    archs, rejected = [], []
+    for _ in range(n):
+        trial = study.ask()
+        try:
+            archs.append(sample_architecture(trial, space, vocab_size=64))
+        except Rejected as err:
+            rejected.append(str(err))
+        study.tell(trial, 0.0)
+    return archs, rejected
+
+
+def test_sampling_obeys_first_last_and_template_rules():
+    text = mutate("depth: {low: 1, high: 2}", "depth: {low: 3, high: 6}").replace(
+        "mlp_after_mixer: never",
+        "mlp_after_mixer: always\n    attention_every: 3\n    last_layer: [mamba2]")
+    archs, rejected = sample_many(text)
+    assert archs and not rejected
+    for arch in archs:
+        mixers = arch.pattern.replace("-", "")
+        assert arch.pattern == "".join(f"{m}-" for m in mixers)
+        for i, symbol in enumerate(mixers):
+            assert (symbol == "*") == ((i + 1) % 3 == 0), arch.pattern
+
+
+def test_attention_count_rule_rejects_and_says_why():
+    text = mutate("depth: {low: 1, high: 2}", "depth: {low: 2, high: 4}").replace(
+        "mlp_after_mixer: never", "mlp_after_mixer: never\n    attention_count: {min: 1, max: 1}")
+    archs, rejected = sample_many(text)
+    assert archs and rejected
+    assert all(a.pattern.count("*") == 1 for a in archs)
+    assert all("attention layers, the rules allow 1..1" in r for r in rejected)
+
+
+def test_kv_heads_are_repaired_to_a_divisor():
+    text = mutate("attention: {n_heads: 2}", "attention: {n_heads: [6], n_kv_heads: [4]}").replace(
+        "d_model: 32", "d_model: 48")
+    text = text.replace("[mamba1, mamba2, attention]", "[attention]")
+    text = "\n".join(line for line in text.splitlines() if "mamba" not in line)
+    archs, _ = sample_many(text, n=5)
+    assert {a.layers[0].n_kv_heads for a in archs} == {3}
+
+
+def test_same_seed_same_proposals():
+    first, _ = sample_many(TINY_SPACE, n=10, seed=4)
+    second, _ = sample_many(TINY_SPACE, n=10, seed=4)
+    assert [a.canonical_hash() for a in first] == [a.canonical_hash() for a in second]
