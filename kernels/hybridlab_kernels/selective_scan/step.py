@@ -14,6 +14,7 @@ from .._common import (
     prepare_dt,
     skip_and_gate,
 )
+from ..dispatch import kernel_backend
 
 _OP = "selective_state_update"
 
@@ -30,14 +31,24 @@ def selective_state_update(
     *,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """Advance `state` by one token in place and return that token's output.
 
     state: (batch, dim, N), updated in place; x, dt: (batch, dim); A: (dim, N);
     B, C: (batch, N) or (batch, G, N) with dim % G == 0; D: (dim,); z: (batch, dim);
-    dt_bias: (dim,). Returns y (batch, dim) in x.dtype.
+    dt_bias: (dim,). Returns y (batch, dim) in x.dtype. `backend` ("ref" | "torch" | "triton")
+    overrides $HYBRIDLAB_KERNELS; "ref" and "torch" both run the torch code below, and the Triton
+    kernel is inference only (it refuses inputs that need a grad).
     """
     _check_args(state, x, dt, A, B, C, D, z, dt_bias)
+    if kernel_backend(state.device, backend, op=_OP) == "triton":
+        # Imported on demand: triton is an optional, GPU-host dependency.
+        from .triton_scan import selective_state_update_triton
+
+        return selective_state_update_triton(
+            state, x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
     out_dtype = x.dtype
     dtype = compute_dtype(x)
     with no_autocast(x.device):
