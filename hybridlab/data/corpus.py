@@ -222,6 +222,8 @@ class TokenFile:
 def _atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private; a shared cache must be readable by other workers.
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)

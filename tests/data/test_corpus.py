@@ -153,6 +153,7 @@ def test_token_cache_is_written_once_and_reused(folder: Path, tmp_path: Path) ->
     assert bytes(np.delete(tokens, eots).astype(np.uint8)) == expected.replace(b"\x00", b"")
     assert second.doc_ids == tuple(corpus.manifest)
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".tokens"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in cache.iterdir()), "shared cache"
 
 
 def test_interrupted_or_truncated_cache_is_never_read(folder: Path, tmp_path: Path) -> None:
