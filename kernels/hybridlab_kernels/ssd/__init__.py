@@ -43,7 +43,7 @@ def ssd(
 
     Computes in float32 (float64 if x is float64) whatever the input dtypes or autocast.
     Returns y (batch, L, H, P) in x.dtype, or (y, final_state (batch, H, P, N) in the compute
-    dtype) if `return_final_state`. `chunk_size` only affects the "torch" backend.
+    dtype) if `return_final_state`. `chunk_size` is used by the "torch" and "triton" backends.
     `backend` ("ref" | "torch" | "triton") overrides $HYBRIDLAB_KERNELS.
     """
     _check_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state)

@@ -14,6 +14,7 @@ from .._common import (
     prepare_dt,
     skip_and_gate,
 )
+from ..dispatch import kernel_backend
 
 _OP = "ssd_state_update"
 
@@ -30,14 +31,24 @@ def ssd_state_update(
     *,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """Advance `state` by one token in place and return that token's output.
 
     state: (batch, H, P, N), updated in place; x: (batch, H, P); dt: (batch, H); A: (H,);
     B, C: (batch, G, N) with H % G == 0; D: (H,) or (H, P); z: (batch, H, P); dt_bias: (H,).
-    Returns y (batch, H, P) in x.dtype.
+    Returns y (batch, H, P) in x.dtype. `backend` ("ref" | "torch" | "triton") overrides
+    $HYBRIDLAB_KERNELS; "ref" and "torch" both run the torch code below, and the Triton kernel is
+    inference only (it refuses inputs that need a grad).
     """
     _check_args(state, x, dt, A, B, C, D, z, dt_bias)
+    if kernel_backend(state.device, backend, op=_OP) == "triton":
+        # Imported on demand: triton is an optional, GPU-host dependency.
+        from .triton_step import ssd_state_update_triton
+
+        return ssd_state_update_triton(
+            state, x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
     out_dtype = x.dtype
     dtype = compute_dtype(x)
     with no_autocast(x.device):
