@@ -133,7 +133,15 @@ def train_command(args: argparse.Namespace) -> int:
     print(f"training {arch.pattern} ({arch.canonical_hash()}) on {task.name}: "
           f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, checkpoints in {out}")
     model = HybridLM(arch, seed=args.seed)
-    result = train(model, task, cfg, checkpoint_dir=out, progress=sys.stderr.isatty())
+    started = time.perf_counter()
+
+    def show(step: int, metrics: dict[str, float]) -> bool:
+        values = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"step {step:>6}  {time.perf_counter() - started:7.1f}s  {values}", flush=True)
+        return False
+
+    result = train(model, task, cfg, checkpoint_dir=out, callback=show,
+                   progress=sys.stderr.isatty())
     if out.is_dir():
         arch.save(out / "arch.yaml")
     summary = {

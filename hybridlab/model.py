@@ -96,12 +96,21 @@ class HybridLM(nn.Module):
         if cache is not None and cache.seqlen:
             return torch.stack([self.step(input_ids[:, t], cache) for t in
                                 range(input_ids.shape[1])], dim=1)
+        return self.lm_head(self.hidden_states(input_ids, cache=cache))
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, *, cache: InferenceCache | None = None
+    ) -> torch.Tensor:
+        """input_ids: (B, L) -> final-norm hidden states (B, L, d_model), before the LM head.
+
+        Training on tasks scored at a few positions applies ``lm_head`` to those rows only.
+        """
         hidden = self.backbone.embedding(input_ids)  # (B, L, d_model)
         for i, block in enumerate(self.backbone.layers):
             hidden = block(hidden, cache=None if cache is None else cache.layers[i])
         if cache is not None:
             cache.seqlen = input_ids.shape[1]
-        return self.lm_head(self.backbone.norm_f(hidden))
+        return self.backbone.norm_f(hidden)
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """One decoding step: input_ids (B,) -> logits (B, vocab); advances ``cache``."""

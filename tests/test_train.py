@@ -192,3 +192,14 @@ def test_bad_train_config_names_field():
 def test_model_too_small_for_task_vocab_is_refused():
     with pytest.raises(ConfigError, match="vocab_size"):
         train(small_model(), ShiftTask(vocab_size=40), TrainConfig(steps=1, **FAST))
+
+
+def test_scored_logits_equal_full_forward_at_scored_positions():
+    from hybridlab.train import scored_logits
+
+    model = small_model("m*M")
+    batch = ShiftTask(lag=3)._make(4, torch.Generator().manual_seed(5))
+    logits, targets = scored_logits(model, batch)
+    full = model(batch.inputs)
+    assert torch.equal(targets, batch.targets[batch.mask])
+    torch.testing.assert_close(logits, full[batch.mask], rtol=1e-5, atol=1e-6)
