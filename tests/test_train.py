@@ -1,3 +1,4 @@
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, cfg) == pytest.approx(0.1)
     steps = [lr_at(s, cfg) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(steps))
 
 
 def test_budgets_and_callback_stop_training():
