@@ -48,7 +48,7 @@ def test_kernel_references_are_torch_only():
 
 
 @pytest.mark.slow
-def test_wheel_ships_both_packages(tmp_path):
+def test_wheel_ships_all_packages(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True, capture_output=True,
@@ -56,5 +56,6 @@ def test_wheel_ships_both_packages(tmp_path):
     (wheel,) = tmp_path.glob("hybridlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hybridlab_kernels/__init__.py" in names
+    assert "hybridlab_dashboard/__init__.py" in names
     assert "hybridlab/model.py" in names
-    assert not any(name.startswith(("tests/", "kernels/")) for name in names)
+    assert not any(name.startswith(("tests/", "kernels/", "dashboards/")) for name in names)
