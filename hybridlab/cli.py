@@ -17,6 +17,7 @@ import yaml
 from hybridlab.checkpoint import CheckpointError
 from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
 from hybridlab.cost import cost_report, measure_tokens_per_second
+from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
 from hybridlab.search.storage import StorageError
@@ -184,6 +185,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": train_command,
     "search": search_command,
     "status": status_command,
+    "export": export_command,
 }
 
 
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--study", help="study name (default: the only study in the database)")
     st.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
     st.add_argument("--runs-dir", default="runs")
+
+    e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
+    add_export_arguments(e)
     return parser
 
 

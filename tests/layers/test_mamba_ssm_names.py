@@ -65,7 +65,7 @@ CASES = [
         "in_proj.weight": (96, 64),
         "out_proj.weight": (64, 64),
     }),
-    # GatedMLP(in_features=64, hidden_features=176): fc1 -> 2*176
+    # GatedMLP(in_features=64, hidden_features=176, multiple_of=16): fc1 -> 2*176
     (64, MLPSpec(multiplier=2.75, multiple_of=16), {
         "fc1.weight": (352, 64),
         "fc2.weight": (64, 176),

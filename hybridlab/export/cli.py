@@ -1,0 +1,59 @@
+"""``hybridlab export``: the arguments and the command, for ``hybridlab/cli.py`` to register."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hybridlab.export.common import ExportError
+from hybridlab.export.writer import FORMATS
+from hybridlab.search.storage import StorageError
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``export``'s arguments to its subparser."""
+    parser.add_argument("--study", help="study name (default: the only study in the database)")
+    parser.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
+    parser.add_argument("--runs-dir", default="runs", help="where the default database lives")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true",
+                       help="the best trial; with several objectives, every Pareto-optimal one")
+    which.add_argument("--pareto", action="store_true",
+                       help="every Pareto-optimal trial, one subfolder each")
+    which.add_argument("--trial", type=int, metavar="N", help="trial number N")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="hybridlab: arch.yaml + weights + model card; mamba_ssm: "
+                             "MambaLMHeadModel config + weights; megatron: hybrid pattern and "
+                             "arguments; hf: NemotronH or Bamba config.json")
+    parser.add_argument("--out", required=True, help="new folder to write (must not exist)")
+    parser.add_argument("--lossy", action="store_true",
+                        help="when the format cannot represent the architecture, write its "
+                             "closest config without weights and list every change (LOSSY.md)")
+    parser.add_argument("--task", help="which task's checkpoint, for a study trained on a suite")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """Export the best, Pareto-optimal or one chosen trial of a study in a trainer's format."""
+    from hybridlab.export.study import export_study
+
+    selection = "best" if args.best else "pareto" if args.pareto else args.trial
+    try:
+        done = export_study(
+            args.study, selection=selection, fmt=args.format, out=args.out,
+            storage=args.storage, lossy=args.lossy, task=args.task, runs_dir=args.runs_dir,
+        )
+    except (ExportError, StorageError) as err:
+        print(f"hybridlab export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"selected {done.description}")
+    for line in done.skipped:
+        print(f"skipped {line}")
+    for result in done.exports:
+        kind = result.format + (f" ({result.flavour})" if result.flavour else "")
+        state = "faithful" if result.faithful else f"LOSSY, {len(result.changes)} changes"
+        print(f"wrote {result.folder}: {kind}, {state}, weights: {result.weights or 'none'}")
+        for change in result.changes:
+            print(f"  changed {change.describe()}")
+        for note in result.notes:
+            print(f"  note: {note}")
+    return 0

@@ -1,0 +1,200 @@
+"""Write one model in one format into a folder: the format's files, arch.yaml, README.md (model
+card), LOSSY.md when lossy, and export.json (the manifest with every file's sha256)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+
+from hybridlab import code_version
+from hybridlab.config import ArchConfig
+from hybridlab.export import hf, mamba_ssm, megatron
+from hybridlab.export.card import CardInput, Provenance, lossy_md, model_card
+from hybridlab.export.common import (
+    MANIFEST_FILE,
+    Change,
+    ExportError,
+    ExportRefused,
+    Fit,
+    atomic_folder,
+    sha256_file,
+    verify_export,
+    write_json,
+)
+from hybridlab.model import HybridLM
+
+FORMATS = ("hybridlab", "mamba_ssm", "megatron", "hf")
+DEFAULT_SEQ_LENGTH = 2048
+ARCH_FILE = "arch.yaml"
+WEIGHTS_FILE = "model.safetensors"
+# Beside a foreign config, hybridlab-named weights get a name that no foreign loader picks up.
+FOREIGN_WEIGHTS_FILE = "hybridlab_weights.safetensors"
+CARD_FILE = "README.md"
+LOSSY_FILE = "LOSSY.md"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    """What one export wrote, and what (if anything) the format changed."""
+
+    folder: Path
+    format: str
+    flavour: str | None
+    changes: tuple[Change, ...]
+    notes: tuple[str, ...]
+    files: dict[str, str]
+    weights: str | None
+
+    @property
+    def faithful(self) -> bool:
+        return not self.changes
+
+
+def _usage(fmt: str, flavour: str | None, weights: str | None) -> str:
+    if fmt == "hybridlab":
+        return ("```python\nfrom hybridlab.export import load_hybridlab\n\n"
+                "model = load_hybridlab(\"<this folder>\")  # verifies export.json's hashes\n```")
+    if fmt == "mamba_ssm":
+        if weights is None:
+            return ("```python\nimport json\nfrom mamba_ssm.models.config_mamba import "
+                    "MambaConfig\nfrom mamba_ssm.models.mixer_seq_simple import "
+                    "MambaLMHeadModel\n\nconfig = MambaConfig(**json.load(open(\"config.json\")))"
+                    "\nmodel = MambaLMHeadModel(config, device=\"cuda\")  # train from scratch"
+                    "\n```")
+        return ("```python\nfrom mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel\n\n"
+                "model = MambaLMHeadModel.from_pretrained(\"<this folder>\", device=\"cuda\")\n"
+                "# back to hybridlab: hybridlab.export.load_mamba_ssm(\"<this folder>\")\n```")
+    if fmt == "megatron":
+        return ("```bash\nsource megatron_args.sh\ntorchrun ... pretrain_mamba.py "
+                "\"${MODEL_ARGS[@]}\" <tokenizer, data, parallelism, optimizer flags>\n```\n"
+                "`--vocab-size` is the trained vocabulary; with a real tokenizer Megatron takes "
+                "the vocabulary from it. `--seq-length` is the trained length.")
+    config = ("```python\nfrom transformers import AutoConfig, AutoModelForCausalLM\n\n"
+              "config = AutoConfig.from_pretrained(\"<this folder>\")\n"
+              "model = AutoModelForCausalLM.from_config(config)  # train from scratch\n```")
+    if weights == "hybridlab":
+        config += ("\nThe trained weights are in `hybridlab_weights.safetensors`, in hybridlab's "
+                   "names: `hybridlab.export.load_hybridlab(\"<this folder>\")` loads them.")
+    return config
+
+
+def _save_weights(model: HybridLM, folder: Path, name: str) -> str:
+    # save_model stores a tied head once and load_model restores the tie.
+    save_model(model, str(folder / name))
+    return name
+
+
+def _check(fmt: str, fitted: Fit, *, lossy: bool) -> None:
+    if fitted.changes and not lossy:
+        raise ExportRefused(fmt, {fmt: fitted.changes})
+
+
+def write_export(
+    model: HybridLM, fmt: str, folder: Path, *, lossy: bool = False,
+    provenance: Provenance | None = None,
+) -> ExportResult:
+    """Write ``model`` in ``fmt`` into the existing empty ``folder`` (not atomic by itself)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    prov = provenance or Provenance()
+    arch = model.config
+    seq_length = prov.seq_length or DEFAULT_SEQ_LENGTH
+    extra_notes: list[str] = []
+    if fmt in ("megatron", "hf") and prov.seq_length is None:
+        extra_notes.append(f"no trained sequence length was recorded; wrote {seq_length}")
+    flavour: str | None = None
+    target: ArchConfig | None = None
+    weights: str | None = None
+    if fmt == "hybridlab":
+        fitted = Fit()
+        files = [_save_weights(model, folder, WEIGHTS_FILE)]
+        weights = "hybridlab"
+    elif fmt == "mamba_ssm":
+        ssm_fit = mamba_ssm.fit(arch)
+        _check(fmt, ssm_fit, lossy=lossy)
+        fitted, target = ssm_fit, ssm_fit.target
+        files = mamba_ssm.write(model, folder, ssm_fit)
+        weights = "mamba_ssm" if fitted.faithful else None
+    elif fmt == "megatron":
+        mega_fit = megatron.fit(arch)
+        _check(fmt, mega_fit, lossy=lossy)
+        fitted, target = mega_fit, mega_fit.target
+        files = megatron.write(folder, mega_fit, seq_length=seq_length)
+    else:
+        candidates = hf.fits(arch, seq_length=seq_length)
+        hf_fit = hf.choose(candidates)
+        if hf_fit.changes and not lossy:
+            raise ExportRefused(fmt, {name: f.changes for name, f in candidates.items()})
+        fitted, flavour = hf_fit, hf_fit.flavour
+        files = hf.write(folder, hf_fit)
+    if fmt in ("megatron", "hf") and fitted.faithful:
+        files.append(_save_weights(model, folder, FOREIGN_WEIGHTS_FILE))
+        weights = "hybridlab"
+
+    arch.save(folder / ARCH_FILE)
+    files.append(ARCH_FILE)
+    if fitted.changes:
+        (folder / LOSSY_FILE).write_text(lossy_md(fmt, flavour, arch, fitted.changes, target))
+        files.append(LOSSY_FILE)
+    notes = (*fitted.notes, *extra_notes)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    exported_by = f"hybridlab {code_version()}"
+    card = CardInput(
+        arch=arch, params=sum(p.numel() for p in model.parameters()), fmt=fmt, flavour=flavour,
+        files=files, weights=weights, changes=fitted.changes, notes=notes,
+        usage=_usage(fmt, flavour, weights), created=created, exported_by=exported_by,
+        provenance=prov,
+    )
+    (folder / CARD_FILE).write_text(model_card(card))
+    files.append(CARD_FILE)
+    hashes = {name: sha256_file(folder / name) for name in files}
+    weights_file = {"hybridlab": WEIGHTS_FILE if fmt == "hybridlab" else FOREIGN_WEIGHTS_FILE,
+                    "mamba_ssm": mamba_ssm.WEIGHTS_FILE, None: None}[weights]
+    manifest: dict[str, Any] = {
+        "format": fmt, "flavour": flavour, "faithful": fitted.faithful,
+        "weights": None if weights is None else {"file": weights_file, "naming": weights},
+        "architecture": {"file": ARCH_FILE, "pattern": arch.pattern,
+                         "genome_hash": arch.canonical_hash(), "params": card.params},
+        "changes": [c.to_dict() for c in fitted.changes], "notes": list(notes),
+        "source": prov.to_dict(), "created": created, "exported_by": exported_by,
+        "files": hashes,
+    }
+    write_json(folder / MANIFEST_FILE, manifest)
+    return ExportResult(folder=folder, format=fmt, flavour=flavour, changes=fitted.changes,
+                        notes=notes, files=hashes, weights=weights)
+
+
+def export_model(
+    model: HybridLM, fmt: str, out: str | Path, *, lossy: bool = False,
+    provenance: Provenance | None = None,
+) -> ExportResult:
+    """Export ``model`` in ``fmt`` to the new folder ``out``: complete, or not there at all.
+
+    A format that cannot represent the architecture raises :class:`ExportRefused` naming each
+    layer and field, unless ``lossy``: then the closest config is written without weights and the
+    changes are listed in the result and in LOSSY.md.
+    """
+    with atomic_folder(Path(out)) as tmp:
+        result = write_export(model, fmt, tmp, lossy=lossy, provenance=provenance)
+    return replace(result, folder=Path(out))
+
+
+def load_hybridlab(folder: str | Path, *, device: str = "cpu") -> HybridLM:
+    """Rebuild the exported model from arch.yaml and the hybridlab-named weights of an export
+    (hybridlab format, or a faithful megatron/hf export), after verifying the hashes."""
+    folder = Path(folder)
+    manifest = verify_export(folder)
+    weights = manifest.get("weights")
+    if not weights or weights["naming"] != "hybridlab":
+        raise ExportError(f"{folder}: this {manifest['format']} export has no hybridlab-named "
+                          "weights")
+    model = HybridLM(ArchConfig.load(folder / ARCH_FILE))
+    missing, unexpected = load_model(model, str(folder / weights["file"]), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{folder}: weights do not fit arch.yaml (missing {sorted(missing)[:5]}"
+                          f", unexpected {sorted(unexpected)[:5]})")
+    return model.to(device)
