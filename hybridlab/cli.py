@@ -22,6 +22,7 @@ from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
 from hybridlab.search.storage import StorageError
 from hybridlab.train import TrainConfig, train
+from hybridlab_dashboard import add_dashboard_arguments, dashboard_command
 
 
 def load_arch(spec: str) -> ArchConfig:
@@ -186,6 +187,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": search_command,
     "status": status_command,
     "export": export_command,
+    "dashboard": dashboard_command,
 }
 
 
@@ -237,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     add_export_arguments(e)
+
+    d = sub.add_parser("dashboard", help=dashboard_command.__doc__,
+                       description=dashboard_command.__doc__)
+    add_dashboard_arguments(d)
     return parser
 
 

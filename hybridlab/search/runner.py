@@ -135,6 +135,7 @@ def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optu
             f"{[d.name.lower() for d in study.directions]}, but the space asks for "
             f"{space.directions}; pick another --study name"
         )
+    study.set_metric_names([o.metric for o in space.objectives])
     study.set_user_attr("space", space_text)
     study.set_user_attr("objectives", [o.metric for o in space.objectives])
     return study
