@@ -17,6 +17,7 @@ import yaml
 from hybridlab.checkpoint import CheckpointError
 from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
 from hybridlab.cost import cost_report, measure_tokens_per_second
+from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
@@ -188,6 +189,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": status_command,
     "export": export_command,
     "dashboard": dashboard_command,
+    "eval": eval_command,
 }
 
 
@@ -243,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dashboard", help=dashboard_command.__doc__,
                        description=dashboard_command.__doc__)
     add_dashboard_arguments(d)
+
+    ev = sub.add_parser("eval", help=eval_command.__doc__, description=eval_command.__doc__)
+    add_eval_arguments(ev)
     return parser
 
 
