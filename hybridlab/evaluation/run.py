@@ -209,30 +209,53 @@ def _format(score: Score) -> str:
     return f"  {score.task:<22} {score.metric:<18} {value}{stderr}"
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    """Run lm-eval tasks on a checkpoint or on study trials; store a trial's scores."""
+def evaluate_sources(
+    sources: Sequence[ModelSource], tasks: Sequence[str], *, url: str | None,
+    limit: float | None = None, device: str | None = None, batch_size: int = 16,
+    max_length: int | None = None, tokenizer: str = "byte", echo: Any = print,
+) -> dict[int | None, list[Score]]:
+    """Evaluate each source on ``tasks``; study trials' scores are stored when ``url`` is given."""
     require_lm_eval()
-    tasks = parse_tasks(args.tasks)
     check_hub_tasks(tasks)
-    sources, url = _sources(args)
 
     import lm_eval
 
     from hybridlab.evaluation.lm_eval import HybridLabLM
 
+    results: dict[int | None, list[Score]] = {}
     for source in sources:
-        print(f"evaluating {source.describe()} on {', '.join(tasks)}", flush=True)
+        echo(f"evaluating {source.describe()} on {', '.join(tasks)}")
         started = time.perf_counter()
-        lm = HybridLabLM(source=source, tokenizer=args.tokenizer, device=args.device,
-                         batch_size=args.batch_size, max_length=args.max_length)
-        found = scores(run_lm_eval(lm, tasks, limit=args.limit))
+        lm = HybridLabLM(source=source, tokenizer=tokenizer, device=device,
+                         batch_size=batch_size, max_length=max_length)
+        found = scores(run_lm_eval(lm, tasks, limit=limit))
         seconds = time.perf_counter() - started
         for score in found:
-            print(_format(score))
+            echo(_format(score))
         stored = ""
         if url is not None and source.study is not None and source.trial is not None:
             store_scores(url, source.study, source.trial, found,
                          harness_version=lm_eval.__version__)
             stored = f"; stored in {url} (hl_evaluation, user attrs lm_eval/<task>/<metric>)"
-        print(f"  {len(found)} scores in {seconds:.1f} s{stored}", flush=True)
+        echo(f"  {len(found)} scores in {seconds:.1f} s{stored}")
+        results[source.trial] = found
+    return results
+
+
+def evaluate_top_trials(
+    url: str, study: str, tasks: Sequence[str], *, top_k: int, limit: float | None = None,
+    echo: Any = print,
+) -> dict[int | None, list[Score]]:
+    """The search's final stage: lm-eval on the ``top_k`` best trials, scores stored."""
+    sources = [resolve_trial(url, study, n) for n in top_trials(url, study, top_k)]
+    return evaluate_sources(sources, tasks, url=url, limit=limit, echo=echo)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """Run lm-eval tasks on a checkpoint or on study trials; store a trial's scores."""
+    tasks = parse_tasks(args.tasks)
+    sources, url = _sources(args)
+    evaluate_sources(sources, tasks, url=url, limit=args.limit, device=args.device,
+                     batch_size=args.batch_size, max_length=args.max_length,
+                     tokenizer=args.tokenizer, echo=lambda line: print(line, flush=True))
     return 0

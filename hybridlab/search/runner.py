@@ -313,6 +313,12 @@ def run_search(
     if summary.finished < opts.trials:
         raise RuntimeError(f"search ended with {summary.finished} of {opts.trials} trials "
                            f"finished; worker errors: {errors or 'none'}")
+    if space.lm_eval is not None and summary.complete:
+        from hybridlab.evaluation.run import evaluate_top_trials
+
+        echo(f"lm-eval on the top {space.lm_eval.top_k} trial(s): {', '.join(space.lm_eval.tasks)}")
+        evaluate_top_trials(url, name, space.lm_eval.tasks, top_k=space.lm_eval.top_k,
+                            limit=space.lm_eval.limit, echo=echo)
     return summary
 
 

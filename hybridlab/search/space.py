@@ -105,6 +105,15 @@ class Resources:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LMEvalStage:
+    """lm-eval tasks run on the ``top_k`` best trials once the search has finished."""
+
+    tasks: tuple[str, ...]
+    top_k: int = 1
+    limit: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     name: str
     seed: int
@@ -120,6 +129,7 @@ class SearchSpace:
     trials: int = 8
     workers: int = 1
     resources: Resources = Resources()
+    lm_eval: LMEvalStage | None = None
     source: str | None = None
 
     @property
@@ -254,7 +264,7 @@ def _field_kinds(spec_cls: type) -> dict[str, type]:
 
 
 TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "sampler",
-            "pruner", "trials", "workers", "resources")
+            "pruner", "trials", "workers", "resources", "lm_eval")
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -325,7 +335,7 @@ def parse_space(
         sampler_options=dict(sampler_options), pruner=pruner,
         trials=r.integer(top.get("trials", 8), "trials", minimum=1),
         workers=r.integer(top.get("workers", 1), "workers", minimum=1),
-        resources=resources, source=source,
+        resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
     )
     _check_feasible(r, space)
     if check_task:
@@ -445,6 +455,22 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
     return PatternRules(attention_count=count, attention_fraction=(low_frac, high_frac),
                         first_layer=first, last_layer=last, mlp_after_mixer=mlp_mode,
                         attention_every=every)
+
+
+def _parse_lm_eval(r: _Reader, data: Any) -> LMEvalStage | None:
+    if data is None:
+        return None
+    d = r.mapping(data, "lm_eval", ("tasks", "top_k", "limit"))
+    tasks = d.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(
+            isinstance(t, str) and t for t in tasks):
+        raise r.error("lm_eval.tasks", "must be a non-empty list of lm-eval task names")
+    limit = d.get("limit")
+    return LMEvalStage(
+        tasks=tuple(tasks),
+        top_k=r.integer(d.get("top_k", 1), "lm_eval.top_k", minimum=1),
+        limit=None if limit is None else r.number(limit, "lm_eval.limit", minimum=0),
+    )
 
 
 def _parse_budgets(r: _Reader, data: Any) -> Budgets:

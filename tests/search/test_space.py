@@ -61,6 +61,8 @@ BAD_SPACES = [
      "model.d_model.step", ">= 1"),
     (mutate("name: mqar", "name: mqqr"), "task.name", "mqqr"),
     (mutate("num_kv_pairs: 2", "num_kv_pairs: 2, colour: red"), "task.options", "colour"),
+    (TINY_SPACE + "lm_eval: {tasks: []}\n", "lm_eval.tasks", "non-empty list"),
+    (TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb], top_k: 0}\n", "lm_eval.top_k", ">= 1"),
 ]
 
 
@@ -76,6 +78,13 @@ def test_malformed_space_is_rejected_before_anything_is_created(tmp_path, text, 
     assert str(err).startswith(f"{path}:")
     assert words in err.message
     assert not (tmp_path / "runs").exists()
+
+
+def test_lm_eval_stage_is_read():
+    space = parse_space(TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb, arc_easy], top_k: 2}\n")
+    assert space.lm_eval.tasks == ("hybridlab_bpb", "arc_easy")
+    assert space.lm_eval.top_k == 2 and space.lm_eval.limit is None
+    assert parse_space(TINY_SPACE).lm_eval is None
 
 
 def test_error_line_points_at_the_field(tmp_path):
