@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -12,6 +13,9 @@ from torch import Tensor
 from hybridlab_kernels import ssd, ssd_state_update
 from hybridlab_kernels.ssd.chunked import ssd_chunked
 from hybridlab_kernels.ssd.naive import ssd_ref
+
+# the package's `ssd` attribute is the op, so reach the module through importlib
+chunked_module = importlib.import_module("hybridlab_kernels.ssd.chunked")
 
 # float64 inputs: chunked and reference then differ only in summation order (~1e-15 relative), so
 # 1e-9 keeps a wide margin while any real error (a wrong decay, a missed chunk) shows at >1e-3.
@@ -235,6 +239,127 @@ def test_public_op_accepts_non_contiguous_inputs() -> None:
     strided["C"] = C.unflatten(-1, (2, 4))
     assert not strided["x"].is_contiguous() and not strided["B"].is_contiguous()
     torch.testing.assert_close(ssd(**strided, chunk_size=16), ssd_ref(**inputs), **F64_TOL)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uninitialised float tensors come out NaN, so an output element never written shows."""
+
+    def poisoned(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def wrapper(*args: object, **kwargs: object) -> Tensor:
+            t = make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+
+
+def blocks_of(monkeypatch: pytest.MonkeyPatch, chunks: int, H: int, T: int) -> None:
+    """Make the chunked path process `chunks` chunks per block (batch rows laid end to end)."""
+    monkeypatch.setattr(chunked_module, "BLOCK_ELEMENTS", chunks * H * T * T)
+
+
+@pytest.mark.usefixtures("nan_empty")
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 3, 100])
+@pytest.mark.parametrize(
+    ("batch", "L", "H", "G", "chunk_size"), [(3, 37, 4, 2, 8), (2, 32, 2, 1, 8)]
+)
+def test_chunked_blocks_across_batch_rows_write_every_element(
+    monkeypatch: pytest.MonkeyPatch,
+    chunks_per_block: int,
+    batch: int,
+    L: int,
+    H: int,
+    G: int,
+    chunk_size: int,
+) -> None:
+    # 5 or 4 chunks per row: blocks of 2 and 3 chunks straddle rows, 100 spans everything
+    blocks_of(monkeypatch, chunks_per_block, H, chunk_size)
+    inputs = make_inputs(L + chunks_per_block, batch, L, H, 3, G, 4, D_per_channel=True)
+    expected = run(ssd_ref, inputs)
+    assert_match(expected, run(ssd_chunked, inputs, chunk_size=chunk_size), F64_TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 40, 1000])
+def test_chunked_result_does_not_depend_on_chunk_size(chunk_size: int) -> None:
+    inputs = make_inputs(8, 2, 40, 4, 3, 2, 5)
+    expected = run(ssd_ref, inputs)
+    assert_match(expected, run(ssd_chunked, inputs, chunk_size=chunk_size), F64_TOL)
+
+
+@pytest.mark.parametrize(("G", "D_per_channel"), [(1, False), (2, True)])
+def test_chunked_backward_passes_gradcheck(
+    monkeypatch: pytest.MonkeyPatch, G: int, D_per_channel: bool
+) -> None:
+    # the hand-written backward against finite differences, every option on, ragged chunks
+    # and a block straddling the two batch rows
+    blocks_of(monkeypatch, 2, 4, 2)
+    inputs = make_inputs(9, 2, 5, 4, 2, G, 3, D_per_channel=D_per_channel)
+    names = [k for k in inputs if k in TENSORS]
+
+    def fn(*tensors: Tensor) -> tuple[Tensor, Tensor]:
+        kwargs = dict(zip(names, tensors, strict=True))
+        return ssd_chunked(**kwargs, dt_softplus=True, return_final_state=True, chunk_size=2)
+
+    leaves = tuple(inputs[k].detach().clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("output", ["y", "final state"])
+def test_chunked_gradients_through_one_output(output: str) -> None:
+    inputs = make_inputs(10, 2, 21, 4, 3, 2, 5)
+
+    def grads(fn: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if k in TENSORS}
+        y, state = fn(**leaves, dt_softplus=True, chunk_size=8, return_final_state=True)
+        loss = (y.sin() if output == "y" else state.sin()).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        # an input that cannot reach the used output has gradient None or zeros
+        return tuple(
+            torch.zeros_like(x) if g is None else g
+            for x, g in zip(leaves.values(), grads, strict=True)
+        )
+
+    for expected, actual in zip(grads(ssd_ref), grads(ssd_chunked), strict=True):
+        torch.testing.assert_close(actual, expected, **F64_TOL)
+
+
+def test_chunked_gradients_when_only_some_inputs_require_grad() -> None:
+    inputs = make_inputs(12, 2, 19, 4, 3, 1, 5)
+
+    def grads(fn: Callable[..., Tensor]) -> tuple[Tensor, ...]:
+        x, A = inputs["x"].clone().requires_grad_(), inputs["A"].clone().requires_grad_()
+        y = fn(**{**inputs, "x": x, "A": A}, chunk_size=8)
+        return torch.autograd.grad(y.square().sum(), [x, A])
+
+    for expected, actual in zip(grads(ssd_ref), grads(ssd_chunked), strict=True):
+        torch.testing.assert_close(actual, expected, **F64_TOL)
+
+
+@pytest.mark.parametrize("optional", [(), ("D",)])
+def test_chunked_output_modified_in_place_is_never_silently_wrong(
+    optional: tuple[str, ...],
+) -> None:
+    # without D or z the output is the scan's own result, which the backward reads back:
+    # autograd must refuse an in-place change to it; with D the output is a copy and may change
+    inputs = make_inputs(13, 2, 16, 4, 3, 2, 5, optional=optional)
+
+    def grads(fn: Callable[..., Tensor]) -> tuple[Tensor, ...]:
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if k in TENSORS}
+        y = fn(**leaves, dt_softplus=True, chunk_size=8)
+        y.mul_(2.0)
+        return torch.autograd.grad(y.square().sum(), list(leaves.values()))
+
+    expected = grads(ssd_ref)
+    if optional:
+        for e, a in zip(expected, grads(ssd_chunked), strict=True):
+            torch.testing.assert_close(a, e, **F64_TOL)
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grads(ssd_chunked)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
