@@ -3,7 +3,8 @@
 # Prints the SQLAlchemy URL of its admin database. Used by .ci/run and by developers:
 #   export HYBRIDLAB_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)
 set -euo pipefail
-PGPORT="${PGPORT:-54329}"
+# A free port unless PGPORT is given: another server (a developer's) may hold the usual one.
+PGPORT="${PGPORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 PGDATA="$(mktemp -d /tmp/hybridlab-pg.XXXXXX)"
 chown postgres:postgres "$PGDATA"
