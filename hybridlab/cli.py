@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
 import sys
@@ -21,7 +22,6 @@ from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
-from hybridlab.search.storage import StorageError
 from hybridlab.train import TrainConfig, train
 from hybridlab_dashboard import add_dashboard_arguments, dashboard_command
 
@@ -131,8 +131,13 @@ def train_command(args: argparse.Namespace) -> int:
     if arch.vocab_size != task.vocab_size:
         print(f"vocab_size {arch.vocab_size} -> {task.vocab_size} (the task's vocabulary)")
         arch = dataclasses.replace(arch, vocab_size=task.vocab_size)
+    # The folder is keyed by everything that decides the weights, so a changed setting starts
+    # afresh instead of resuming a checkpoint trained differently.
+    settings = json.dumps({"train": dataclasses.asdict(cfg), "task": task.fingerprint()},
+                          sort_keys=True, default=str)
+    key = hashlib.sha256(settings.encode()).hexdigest()[:8]
     out = Path(args.out) if args.out else (
-        Path("runs/train") / f"{arch.canonical_hash()}-{_slug(args.task)}-s{args.seed}")
+        Path("runs/train") / f"{arch.canonical_hash()}-{_slug(args.task)}-{key}")
     print(f"training {arch.pattern} ({arch.canonical_hash()}) on {task.name}: "
           f"{cfg.steps} steps x {cfg.batch_size} x {task.seq_len} tokens, checkpoints in {out}")
     model = HybridLM(arch, seed=args.seed)
@@ -219,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--device", help="cpu | cuda | cuda:N")
-    t.add_argument("--out", help="checkpoint folder (default: runs/train/<hash>-<task>-s<seed>)")
+    t.add_argument("--out", help="checkpoint folder (default: runs/train/<arch>-<task>-<settings>)")
 
     s = sub.add_parser("search", help=search_command.__doc__, description=search_command.__doc__)
     s.add_argument("space", help="search-space YAML file (see search_spaces/)")
@@ -255,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, StorageError, CheckpointError) as err:
+    except (ConfigError, ValueError, RuntimeError, CheckpointError) as err:
         print(f"hybridlab {args.command}: error: {err}", file=sys.stderr)
         return 2
 

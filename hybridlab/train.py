@@ -56,6 +56,16 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if isinstance(default, int) and not (number and isinstance(value, int)):
+                raise ConfigError(f.name, f"must be an integer, got {value!r}")
+            if (isinstance(default, float) or (default is None and value is not None)) and (
+                    not number):
+                raise ConfigError(f.name, f"must be a number, got {value!r}")
+            if isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f.name, f"must be a string, got {value!r}")
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
             _require(getattr(self, name) > 0, name, "must be positive")
         for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "seed"):

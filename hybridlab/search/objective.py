@@ -8,6 +8,7 @@ its failed predecessor stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -173,7 +174,12 @@ class Objective:
         folder = self.artifacts_dir / "checkpoints" / key
         # Threads are set once per worker process, not per trial.
         cfg = replace(self.space.train, device=self.device, threads=None)
-        result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
+        folder.mkdir(parents=True, exist_ok=True)
+        # One writer per folder: a duplicate genome (or a retry of a trial declared dead too
+        # early) waits, then resumes from the finished checkpoint instead of racing it.
+        with (folder / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
         self._store_run(trial.number, task, result)
         return result
 
@@ -242,7 +248,8 @@ class Objective:
         """Curve, final proxy metrics and checkpoint of one training run (replacing a retry's)."""
         suite = len(self.tasks) > 1
         with session_scope(self.engine) as session:
-            own_curve = CurvePoint.split.startswith(f"{task.name}/") if suite else sa.true()
+            own_curve = (CurvePoint.split.startswith(f"{task.name}/", autoescape=True) if suite
+                         else sa.true())
             session.execute(sa.delete(CurvePoint).where(
                 CurvePoint.study == self.study, CurvePoint.trial == trial, own_curve))
             session.execute(sa.delete(Evaluation).where(

@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,13 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from hybridlab.search.objective import Objective, make_tasks
-from hybridlab.search.space import SearchSpace, load_space, parse_space
+from hybridlab.search.space import (
+    SearchSpace,
+    load_space,
+    make_pruner,
+    make_sampler,
+    parse_space,
+)
 from hybridlab.search.storage import (
     Slot,
     StorageError,
@@ -91,32 +96,6 @@ def make_optuna_storage(opts: RunOptions) -> RDBStorage:
     )
 
 
-def make_sampler(space: SearchSpace, rank: int) -> optuna.samplers.BaseSampler:
-    """Seeded per worker (seed + rank), so one worker repeats a run exactly."""
-    seed = space.seed + rank
-    options = dict(space.sampler_options)
-    if space.sampler == "tpe":
-        # The constant liar keeps parallel workers from proposing the same point.
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **options)
-    if space.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **options)
-    if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.BruteForceSampler(seed=seed, **options)
-
-
-def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
-    every, steps = space.train.eval_every, space.train.steps
-    if space.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps,
-                                              reduction_factor=3)
-    if space.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
-    if space.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every)
-    return optuna.pruners.NopPruner()
-
-
 def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optuna.Study:
     """Create (or load) the study and every table; run once, in the driver, before workers."""
     engine = make_engine(opts.storage_url)
@@ -144,12 +123,11 @@ def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optu
 def _release_dead_slots(engine, study: optuna.Study, opts: RunOptions) -> None:
     """Free slots whose trial failed, and claims whose worker died before starting a trial."""
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=opts.grace_period)
+    cutoff = time.time() - opts.grace_period
     with session_scope(engine) as session:
         for slot in session.scalars(sa.select(Slot).where(Slot.study == opts.study)).all():
-            claimed = slot.claimed_at.replace(tzinfo=slot.claimed_at.tzinfo or timezone.utc)
             if (slot.trial is not None and states.get(slot.trial) == TrialState.FAIL) or (
-                slot.trial is None and claimed < cutoff
+                slot.trial is None and slot.claimed_unix < cutoff
             ):
                 session.delete(slot)
 
@@ -191,16 +169,30 @@ def worker_loop(space_text: str, source: str | None, opts: RunOptions, rank: int
             _release_dead_slots(engine, study, opts)
             if len(study.get_trials(deepcopy=False, states=FINISHED)) >= opts.trials:
                 return ran
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if len(failed) >= max_failures(opts.trials):
+                # A space whose trials fail every time would otherwise sample forever.
+                return ran
             slot = _claim_slot(engine, opts)
             if slot is None:
                 # Every slot is busy: wait, to take over a trial whose worker dies.
                 time.sleep(opts.poll_seconds)
                 continue
             objective.slot = slot
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
+                # Another worker declared this trial stale (a heartbeat came too late) and
+                # failed it; its retry is queued, so this worker carries on.
+                print(f"worker {rank}: trial closed by another worker: {err}", flush=True)
             ran += 1
     finally:
         engine.dispose()
+
+
+def max_failures(trials: int) -> int:
+    """Failed attempts (exceptions, dead workers) after which a search gives up."""
+    return max(3, trials)
 
 
 def progress_line(study: optuna.Study, trials: int, started: float) -> str:
@@ -279,14 +271,19 @@ def run_search(
     )
     if opts.trials < 1 or opts.workers < 1:
         raise ValueError("--trials and --workers must be at least 1")
+    if grace_period < 2 * heartbeat_interval:
+        raise ValueError(f"--grace-period ({grace_period} s) must be at least twice "
+                         f"--heartbeat-interval ({heartbeat_interval} s), or live trials are "
+                         "declared dead")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    optuna_study = prepare_study(space, space_text, opts)
-    echo(f"study {name!r} in {url}: {opts.trials} trials, {opts.workers} workers, "
-         f"objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
     started = time.perf_counter()
+    # Ray first: a multi-node cluster with SQLite is refused before any database is created.
     ray = _start_ray(ray_address, opts, space)
     errors: list[str] = []
     try:
+        optuna_study = prepare_study(space, space_text, opts)
+        echo(f"study {name!r} in {url}: {opts.trials} trials, {opts.workers} workers, "
+             f"objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
         remote = ray.remote(max_retries=MAX_WORKER_RESTARTS)(worker_loop).options(
             num_cpus=space.resources.cpus_per_worker, num_gpus=space.resources.gpus_per_worker)
         pending = [remote.remote(space_text, str(path), opts, rank)
@@ -311,8 +308,12 @@ def run_search(
     if errors:
         echo("worker errors: " + "; ".join(errors))
     if summary.finished < opts.trials:
-        raise RuntimeError(f"search ended with {summary.finished} of {opts.trials} trials "
-                           f"finished; worker errors: {errors or 'none'}")
+        failed = optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        last = failed[-1].system_attrs.get("fail_reason", "?") if failed else "none"
+        raise RuntimeError(f"search stopped with {summary.finished} of {opts.trials} trials "
+                           f"finished after {len(failed)} failed attempts; last failure: "
+                           f"{str(last).strip().splitlines()[-1] if last else '?'}; "
+                           f"worker errors: {errors or 'none'}")
     if space.lm_eval is not None and summary.complete:
         from hybridlab.evaluation.run import evaluate_top_trials
 

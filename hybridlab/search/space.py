@@ -228,6 +228,8 @@ class _Reader:
                 raise self.error(path, f"low ({low}) > high ({high})")
             if log and low <= 0:
                 raise self.error(f"{path}.low", "a log range needs low > 0")
+            if log and isinstance(result, IntRange) and result.step != 1:
+                raise self.error(f"{path}.step", "a log range cannot also have a step")
             return result
         self._scalar(value, path, kind)
         return Choice((value,))
@@ -338,23 +340,60 @@ def parse_space(
         resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
     )
     _check_feasible(r, space)
+    try:
+        make_sampler(space, 0)
+    except (TypeError, ValueError) as err:
+        raise r.error("sampler.options", f"{sampler}: {err}") from None
     if check_task:
-        _check_task(r, task, dict(task_options), seed)
+        _check_task(r, task, dict(task_options), seed, objectives)
     return space
 
 
-def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int) -> None:
+def make_sampler(space: SearchSpace, rank: int) -> optuna.samplers.BaseSampler:
+    """Seeded per worker (seed + rank), so one worker repeats a run exactly."""
+    seed = space.seed + rank
+    options = dict(space.sampler_options)
+    if space.sampler == "tpe":
+        # The constant liar keeps parallel workers from proposing the same point.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, **options)
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **options)
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.BruteForceSampler(seed=seed, **options)
+
+
+def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
+    every, steps = space.train.eval_every, space.train.steps
+    if space.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps,
+                                              reduction_factor=3)
+    if space.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
+    if space.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every)
+    return optuna.pruners.NopPruner()
+
+
+
+def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
+                objectives: tuple[Objective, ...]) -> None:
     """Build the task once so a bad name or knob fails here, not inside every worker."""
     from hybridlab.search.objective import make_tasks
 
     try:
-        make_tasks(task, seed=seed, options=options)
+        tasks = make_tasks(task, seed=seed, options=options)
     except (ValueError, TypeError) as err:
         try:
             make_tasks(task, seed=seed, options={})
         except (ValueError, TypeError):
             raise r.error("task.name", str(err)) from None
         raise r.error("task.options", str(err)) from None
+    for i, objective in enumerate(objectives):
+        if objective.metric == "bits_per_byte" and any(
+                t.metric != "bits_per_byte" for t in tasks):
+            raise r.error(f"objectives[{i}].metric", f"task {task!r} reports accuracy and loss, "
+                          "not bits_per_byte (a corpus task does)")
 
 
 def _parse_model(r: _Reader, data: Any) -> ModelSpace:
@@ -444,6 +483,10 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
     every = d.get("attention_every")
     if every is not None:
         every = r.integer(every, "model.rules.attention_every", minimum=1)
+        for key in ("first_layer", "last_layer"):
+            if key in d:
+                raise r.error(f"model.rules.{key}", "cannot be combined with attention_every, "
+                              "which fixes where attention goes")
         if "attention" not in layer_types:
             raise r.error("model.rules.attention_every", "needs 'attention' in layer_types")
         if every > 1 and not set(mixers) - {"attention"}:

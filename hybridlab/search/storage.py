@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,7 +125,8 @@ class Slot(Base):
     slot: Mapped[int] = mapped_column(primary_key=True)
     trial: Mapped[int | None]
     owner: Mapped[str] = mapped_column(sa.String(255))
-    claimed_at: Mapped[datetime] = mapped_column(default=_now)
+    # Unix seconds: comparable across hosts and database time zones (a naive timestamp is not).
+    claimed_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
 
 
 def default_sqlite_url(name: str, runs_dir: str | Path = "runs") -> str:

@@ -124,7 +124,12 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     retry = retries[0]
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retry.params == study.trials[victim].params
-    assert retry.user_attrs.get("resumed_from_step", 0) > 0
+    # The victim's checkpoint is picked up by the retry, or by a trial of the same genome that
+    # was waiting for the checkpoint folder's lock (the retry then reuses its result).
+    genome = study.trials[victim].user_attrs["genome_hash"]
+    same = [t for t in study.trials if t.user_attrs.get("genome_hash") == genome
+            and t.number != victim]
+    assert any(t.user_attrs.get("resumed_from_step", 0) > 0 for t in same)
 
 
 def test_restarted_driver_continues_without_losing_or_repeating_trials(tmp_path):
@@ -137,6 +142,10 @@ def test_restarted_driver_continues_without_losing_or_repeating_trials(tmp_path)
         if not (runs / "tiny.db").exists():
             return None
         try:
+            # Slots exist once the driver has created every table: polling Optuna earlier
+            # would race it creating them.
+            if not rows(url, Slot, "tiny"):
+                return None
             study = optuna.load_study(study_name="tiny", storage=url)
             done = study.get_trials(states=(TrialState.COMPLETE,))
             running = study.get_trials(states=(TrialState.RUNNING,))

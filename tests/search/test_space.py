@@ -62,6 +62,16 @@ BAD_SPACES = [
     (mutate("name: mqar", "name: mqqr"), "task.name", "mqqr"),
     (mutate("num_kv_pairs: 2", "num_kv_pairs: 2, colour: red"), "task.options", "colour"),
     (TINY_SPACE + "lm_eval: {tasks: []}\n", "lm_eval.tasks", "non-empty list"),
+    (mutate("metric: accuracy", "metric: bits_per_byte"), "objectives[0].metric",
+     "not bits_per_byte"),
+    (mutate("d_model: 32", "d_model: {low: 16, high: 64, step: 16, log: true}"),
+     "model.d_model.step", "cannot also have a step"),
+    (mutate("steps: 20", "steps: abc"), "train.steps", "must be an integer"),
+    (mutate("sampler: random", "sampler: {name: tpe, options: {n_startup: 3}}"),
+     "sampler.options", "n_startup"),
+    (mutate("mlp_after_mixer: never",
+            "mlp_after_mixer: never\n    attention_every: 2\n    first_layer: [mamba1]"),
+     "model.rules.first_layer", "attention_every"),
     (TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb], top_k: 0}\n", "lm_eval.top_k", ">= 1"),
 ]
 
@@ -117,7 +127,7 @@ def sample_many(text: str, n: int = 40, seed: int = 0):
 def test_sampling_obeys_first_last_and_template_rules():
     text = mutate("depth: {low: 1, high: 2}", "depth: {low: 3, high: 6}").replace(
         "mlp_after_mixer: never",
-        "mlp_after_mixer: always\n    attention_every: 3\n    last_layer: [mamba2]")
+        "mlp_after_mixer: always\n    attention_every: 3")
     archs, rejected = sample_many(text)
     assert archs and not rejected
     for arch in archs:
