@@ -34,6 +34,7 @@ from hybridlab.search.space import (
     parse_space,
 )
 from hybridlab.search.storage import (
+    Candidate,
     Slot,
     StorageError,
     create_tables,
@@ -308,12 +309,9 @@ def run_search(
     if errors:
         echo("worker errors: " + "; ".join(errors))
     if summary.finished < opts.trials:
-        failed = optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        last = failed[-1].system_attrs.get("fail_reason", "?") if failed else "none"
         raise RuntimeError(f"search stopped with {summary.finished} of {opts.trials} trials "
-                           f"finished after {len(failed)} failed attempts; last failure: "
-                           f"{str(last).strip().splitlines()[-1] if last else '?'}; "
-                           f"worker errors: {errors or 'none'}")
+                           f"finished after {summary.failed} failed attempts; last failure: "
+                           f"{last_failure(opts)}; worker errors: {errors or 'none'}")
     if space.lm_eval is not None and summary.complete:
         from hybridlab.evaluation.run import evaluate_top_trials
 
@@ -321,6 +319,21 @@ def run_search(
         evaluate_top_trials(url, name, space.lm_eval.tasks, top_k=space.lm_eval.top_k,
                             limit=space.lm_eval.limit, echo=echo)
     return summary
+
+
+def last_failure(opts: RunOptions) -> str:
+    """The reason recorded for the newest failed candidate (see ``Objective``), if any."""
+    engine = make_engine(opts.storage_url)
+    try:
+        with session_scope(engine) as session:
+            reason = session.scalars(
+                sa.select(Candidate.reason).where(
+                    Candidate.study == opts.study, Candidate.status == "failed",
+                ).order_by(Candidate.trial.desc()).limit(1)
+            ).first()
+    finally:
+        engine.dispose()
+    return reason or "none recorded (a worker died?)"
 
 
 def summarise(study: optuna.Study, opts: RunOptions, wall: float) -> SearchSummary:

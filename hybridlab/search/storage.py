@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 SCHEMA_VERSION = 1
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -183,14 +183,10 @@ def create_tables(engine: Engine) -> None:
             )
 
 
-_sessionmakers: dict[int, sessionmaker[Session]] = {}
-
-
 @contextlib.contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
-    maker = _sessionmakers.setdefault(id(engine), sessionmaker(engine, expire_on_commit=False))
-    session = maker()
+    session = Session(engine, expire_on_commit=False)
     try:
         yield session
         session.commit()

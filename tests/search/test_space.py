@@ -159,3 +159,24 @@ def test_same_seed_same_proposals():
     first, _ = sample_many(TINY_SPACE, n=10, seed=4)
     second, _ = sample_many(TINY_SPACE, n=10, seed=4)
     assert [a.canonical_hash() for a in first] == [a.canonical_hash() for a in second]
+
+
+def test_worker_gives_up_when_every_trial_fails(tmp_path, monkeypatch):
+    from hybridlab.search import runner
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            self.slot = None
+
+        def __call__(self, trial):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "Objective", Broken)
+    space = parse_space(TINY_SPACE)
+    opts = runner.RunOptions(study="tiny", storage_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                             trials=2, workers=1, artifacts_dir=tmp_path, poll_seconds=0.01,
+                             heartbeat_interval=1, grace_period=2)
+    study = runner.prepare_study(space, TINY_SPACE, opts)
+    assert runner.worker_loop(TINY_SPACE, None, opts, 0) == runner.max_failures(2)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 3
