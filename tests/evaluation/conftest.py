@@ -1,12 +1,10 @@
 import hashlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
 
 from hybridlab.checkpoint import MODEL_FILE
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba2Spec
@@ -76,30 +74,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A fresh database of each kind (PostgreSQL where HYBRIDLAB_TEST_POSTGRES_URL is set)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'study.db'}"
-        return
-    base = os.environ.get("HYBRIDLAB_TEST_POSTGRES_URL")
-    if base is None:
-        pytest.skip("HYBRIDLAB_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL)")
-    name = f"hl_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.fixture
-def study_db(db_url, trained):
+def study_db(storage_url, trained):
     """A study database: trial 0 (value 0.5) trained, trial 1 (value 0.9) reusing its genome
     and holding one proxy-task evaluation."""
-    url = db_url
+    url = storage_url
     engine = make_engine(url)
     create_tables(engine)
     study = optuna.create_study(study_name="evalstudy", storage=url, direction="maximize")
