@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import threading
 import time
-import uuid
 import wsgiref.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +15,6 @@ from typing import Any
 
 import optuna
 import pytest
-import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -125,31 +122,11 @@ def fill_synthetic_study(url: str, study: str = "demo") -> None:
     engine.dispose()
 
 
-def _postgres_database() -> Iterator[str]:
-    base = os.environ.get("HYBRIDLAB_TEST_POSTGRES_URL")
-    if base is None:
-        pytest.skip("HYBRIDLAB_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL)")
-    name = f"hl_dash_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def synthetic_url(request, tmp_path: Path) -> Iterator[str]:
-    """A database holding the synthetic study, on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'demo.db'}"
-        fill_synthetic_study(url)
-        yield url
-        return
-    for url in _postgres_database():
-        fill_synthetic_study(url)
-        yield url
+@pytest.fixture
+def synthetic_url(storage_url: str) -> str:
+    """A database holding the synthetic study, on each backend (``storage_url`` is fresh)."""
+    fill_synthetic_study(storage_url)
+    return storage_url
 
 
 @pytest.fixture
