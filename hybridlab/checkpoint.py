@@ -10,7 +10,6 @@ folder with a marker whose hashes don't match is corrupted and refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from hybridlab.errors import HybridlabError
+from hybridlab.files import sha256_file
+
 MARKER = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -28,16 +30,10 @@ META_FILE = "meta.json"
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HybridlabError, RuntimeError):
     """A checkpoint exists but cannot be trusted; says which one and why."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -66,7 +62,7 @@ def save_checkpoint(
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     torch.save(train_state, tmp / STATE_FILE)
-    files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+    files = {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
     (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files}, indent=2))
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         _fsync(tmp / name)
@@ -75,7 +71,7 @@ def save_checkpoint(
     tmp.rename(final)
     marker = final / MARKER
     marker_tmp = final / f".{MARKER}.tmp"
-    marker_tmp.write_text(_sha256(final / META_FILE))
+    marker_tmp.write_text(sha256_file(final / META_FILE))
     _fsync(marker_tmp)
     marker_tmp.rename(marker)
     _prune(directory, keep)
@@ -113,14 +109,14 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     if not marker.is_file():
         raise CheckpointError(f"{path}: no {MARKER} marker, the checkpoint was never finished")
     meta_path = path / META_FILE
-    if not meta_path.is_file() or _sha256(meta_path) != marker.read_text().strip():
+    if not meta_path.is_file() or sha256_file(meta_path) != marker.read_text().strip():
         raise CheckpointError(f"{path}: {META_FILE} is missing or does not match the marker")
     meta = json.loads(meta_path.read_text())
     for name, expected in meta["files"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        actual = _sha256(file)
+        actual = sha256_file(file)
         if actual != expected:
             raise CheckpointError(
                 f"{path}: {name} is corrupted (sha256 {actual[:12]}..., expected "

@@ -19,10 +19,12 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from hybridlab.errors import HybridlabError
+
 LayerType = Literal["mamba1", "mamba2", "attention", "mlp"]
 
 
-class ConfigError(ValueError):
+class ConfigError(HybridlabError, ValueError):
     """A config value is wrong; names the field, and the file and line when known."""
 
     def __init__(

@@ -9,7 +9,6 @@ reused another's genome, that trial's artifact), checked against the recorded sh
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 
 from hybridlab.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint
 from hybridlab.config import ArchConfig
+from hybridlab.errors import HybridlabError
+from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 from hybridlab.search.storage import Artifact, Candidate, is_sqlite, make_engine, session_scope
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 ARCH_FILES = ("arch.yaml", "arch.json")
 
 
-class EvalError(ValueError):
+class EvalError(HybridlabError, ValueError):
     """An evaluation cannot be run as asked; the message says what was wrong."""
 
 
@@ -55,12 +56,6 @@ class ModelSource:
         return f"{where}: {self.arch.pattern} ({self.arch.canonical_hash()}) from {self.checkpoint}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _step_folder(path: Path) -> Path:
@@ -146,7 +141,7 @@ def resolve_trial(storage_url: str, study: str, trial: int) -> ModelSource:
     weights = step / MODEL_FILE
     if not weights.is_file():
         raise EvalError(f"{where}: recorded checkpoint {step} is missing")
-    if _sha256(weights) != artifact.sha256:
+    if sha256_file(weights) != artifact.sha256:
         raise EvalError(f"{where}: {weights} changed since it was recorded "
                         f"(sha256 no longer {artifact.sha256[:12]}...)")
     return ModelSource(arch=arch, checkpoint=step, study=study, trial=trial,

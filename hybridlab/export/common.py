@@ -9,7 +9,6 @@ and the changes listed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -27,12 +26,14 @@ from hybridlab.config import (
     Mamba2Spec,
     MLPSpec,
 )
+from hybridlab.errors import HybridlabError
+from hybridlab.files import sha256_file
 
 SSM_TYPES = ("mamba1", "mamba2")
 MANIFEST_FILE = "export.json"
 
 
-class ExportError(RuntimeError):
+class ExportError(HybridlabError, RuntimeError):
     """An export cannot be done as asked; names the format, trial, layer or file and why."""
 
 
@@ -232,12 +233,6 @@ def unify_attention(
     return chosen, changes + unified  # type: ignore[return-value]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -20,8 +20,9 @@ from sqlalchemy.engine import Engine
 from hybridlab.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint
 from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.export.card import EvalRow, Objective, Provenance
-from hybridlab.export.common import ExportError, atomic_folder, sha256_file, write_json
+from hybridlab.export.common import ExportError, atomic_folder, write_json
 from hybridlab.export.writer import ExportResult, write_export
+from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 from hybridlab.search.status import resolve_study
 from hybridlab.search.storage import Artifact, Candidate, Evaluation, make_engine, session_scope

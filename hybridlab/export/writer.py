@@ -21,10 +21,10 @@ from hybridlab.export.common import (
     ExportRefused,
     Fit,
     atomic_folder,
-    sha256_file,
     verify_export,
     write_json,
 )
+from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 
 FORMATS = ("hybridlab", "mamba_ssm", "megatron", "hf")

@@ -32,6 +32,7 @@ from hybridlab.cost import (
 from hybridlab.data.synthetic import MAD_TASKS
 from hybridlab.data.task import TaskData
 from hybridlab.data.tasks import make_task
+from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 from hybridlab.search.space import Rejected, SearchSpace, check_budgets, sample_architecture
 from hybridlab.search.storage import (
@@ -70,12 +71,6 @@ def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Objective:
@@ -268,7 +263,7 @@ class Objective:
                 weights = result.checkpoint / MODEL_FILE
                 session.add(Artifact(study=self.study, trial=trial, kind=f"checkpoint:{task.name}",
                                      path=str(result.checkpoint.resolve()),
-                                     sha256=_sha256(weights)))
+                                     sha256=sha256_file(weights)))
 
 
 def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -22,11 +22,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from hybridlab.errors import HybridlabError
+
 SCHEMA_VERSION = 1
 SQLITE_BUSY_TIMEOUT_S = 60
 
 
-class StorageError(RuntimeError):
+class StorageError(HybridlabError, RuntimeError):
     """The storage URL or database cannot be used as asked; says why."""
 
 
