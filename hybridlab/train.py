@@ -56,15 +56,19 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
+        # Annotations are strings here (postponed evaluation), so the kind is read from them.
         for f in dataclasses.fields(self):
-            value, default = getattr(self, f.name), f.default
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            if isinstance(default, int) and not (number and isinstance(value, int)):
+            if kind.startswith("int") and not (number and isinstance(value, int)):
                 raise ConfigError(f.name, f"must be an integer, got {value!r}")
-            if (isinstance(default, float) or (default is None and value is not None)) and (
-                    not number):
-                raise ConfigError(f.name, f"must be a number, got {value!r}")
-            if isinstance(default, str) and not isinstance(value, str):
+            # NaN slips through every range check below and inf passes them, so both are
+            # refused here, where the message can say what is wrong.
+            if kind.startswith("float") and not (number and math.isfinite(value)):
+                raise ConfigError(f.name, f"must be a finite number, got {value!r}")
+            if (kind == "str" or kind.startswith("Literal")) and not isinstance(value, str):
                 raise ConfigError(f.name, f"must be a string, got {value!r}")
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every"):
             _require(getattr(self, name) > 0, name, "must be positive")
@@ -73,7 +77,8 @@ class TrainConfig:
         _require(self.lr > 0, "lr", "must be positive")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         _require(self.threads is None or self.threads > 0, "threads", "must be positive")
         _require(self.max_tokens is None or self.max_tokens > 0, "max_tokens", "must be positive")

@@ -204,3 +204,44 @@ def test_scored_logits_equal_full_forward_at_scored_positions():
     full = model(batch.inputs)
     assert torch.equal(targets, batch.targets[batch.mask])
     torch.testing.assert_close(logits, full[batch.mask], rtol=1e-5, atol=1e-6)
+
+
+FLOAT_FIELDS = ["lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
+                "max_seconds"]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_train_floats_are_refused_naming_the_field(name, value):
+    with pytest.raises(ConfigError, match=rf"^{name}: must be a finite number") as err:
+        TrainConfig(**{name: value})
+    assert err.value.field == name
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({name: value})
+    assert err.value.field == f"train.{name}"
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("beta2", 1.0, "must be in"), ("beta1", -0.1, "must be in"), ("lr", -1e-3, "positive"),
+    ("min_lr_ratio", 1.5, "must be in"), ("grad_clip", -1.0, ">= 0"),
+    ("max_seconds", 0.0, "positive"), ("warmup_steps", -1, ">= 0"),
+])
+def test_out_of_range_train_values_name_their_own_field(name, value, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        TrainConfig(**{name: value})
+    assert err.value.field == name
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("max_tokens", math.inf), ("max_tokens", 1.5), ("threads", 2.0), ("warmup_steps", math.nan),
+    ("steps", True), ("seed", "3"),
+])
+def test_integer_train_fields_refuse_floats_and_bools(name, value):
+    with pytest.raises(ConfigError, match="must be an integer") as err:
+        TrainConfig(**{name: value})
+    assert err.value.field == name
+
+
+def test_in_range_train_floats_and_integral_floats_are_accepted():
+    cfg = TrainConfig(lr=1, weight_decay=0, beta2=0.999, max_seconds=2.5, min_lr_ratio=1.0)
+    assert (cfg.lr, cfg.weight_decay, cfg.max_seconds) == (1, 0, 2.5)
