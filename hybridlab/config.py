@@ -232,9 +232,7 @@ class ArchConfig:
     @classmethod
     def load(cls, path: str | Path) -> ArchConfig:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "no such file", source=str(path))
-        text = path.read_text()
+        text = read_text_file(path)
         if path.suffix == ".json":
             return cls.from_json(text, source=str(path))
         return cls.from_yaml(text, source=str(path))
@@ -401,17 +399,101 @@ def _validate_spec(spec: LayerSpec, d_model: int, where: str) -> None:
             )
 
 
+# Expanded size of a document (each alias counts the whole node it repeats). A config has a few
+# hundred nodes; the cap refuses "billion laughs" documents before they are constructed.
+MAX_YAML_NODES = 100_000
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of a config file; a missing, unreadable or binary file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", "no such file", source=str(path))
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError("<file>", f"cannot read: {err.strerror}", source=str(path)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError("<file>", f"not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+                          f"{err.start}); is this a binary file?", source=str(path),
+                          line=line) from None
+
+
+def load_yaml_file(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Read and parse a YAML file: ``read_text_file`` then ``load_yaml_with_lines``."""
+    return load_yaml_with_lines(read_text_file(path), source=str(path))
+
+
+class _AliasError(Exception):
+    def __init__(self, message: str, mark: yaml.Mark) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts the expanded size of the document while composing it.
+
+    The expanded size is the number of plain nodes plus, for each alias, the expanded size of the
+    node it repeats; it is known exactly at composition time, before anything is constructed.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.expanded = 0
+        self.sizes: dict[int, int] = {}
+        # (id of the sequence, index) -> line of an alias used as its item: an alias node carries
+        # the marks of its anchor, so this is the only record of where the alias was written.
+        self.alias_lines: dict[tuple[int, int], int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if not self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if isinstance(node, yaml.MappingNode):
+                children = [child for pair in node.value for child in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in children)
+            self.expanded += 1
+            return node
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        if isinstance(index, int):
+            self.alias_lines[id(parent), index] = mark.line + 1
+        size = self.sizes.get(id(node))
+        if size is None:
+            raise _AliasError("alias refers to a node that contains it", mark)
+        self.expanded += size
+        if self.expanded > MAX_YAML_NODES:
+            raise _AliasError(f"aliases expand the document past {MAX_YAML_NODES} nodes; "
+                              "refusing it (a YAML alias bomb?)", mark)
+        return node
+
+
 def load_yaml_with_lines(
     text: str, *, source: str | None = None
 ) -> tuple[Any, dict[str, int]]:
-    """Parse YAML and return (data, {field path: 1-based line}) for error messages."""
+    """Parse YAML and return (data, {field path: 1-based line}) for error messages.
+
+    Documents whose aliases expand past ``MAX_YAML_NODES`` nodes, or that contain themselves,
+    are refused before they are constructed.
+    """
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _BoundedLoader(text)
         try:
             node = loader.get_single_node()
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
+        alias_lines = loader.alias_lines
+    except _AliasError as err:
+        raise ConfigError("<document>", err.message, source=source,
+                          line=err.mark.line + 1) from None
+    except RecursionError:
+        raise ConfigError("<document>", "nested too deeply to be a config", source=source) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -420,18 +502,26 @@ def load_yaml_with_lines(
                           line=line) from None
     lines: dict[str, int] = {}
     if node is not None:
-        _collect_lines(node, "", lines)
+        _collect_lines(node, "", lines, set(), alias_lines)
     return data, lines
 
 
-def _collect_lines(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
+def _collect_lines(
+    node: yaml.Node, path: str, lines: dict[str, int], seen: set[int],
+    alias_lines: Mapping[tuple[int, int], int],
+) -> None:
+    # An aliased node is walked once, where it is defined; fields reached through an alias take
+    # the line of the alias itself (their enclosing field), which is where the reader looks.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             child = f"{path}.{key_node.value}" if path else str(key_node.value)
             lines[child] = key_node.start_mark.line + 1
-            _collect_lines(value_node, child, lines)
+            _collect_lines(value_node, child, lines, seen, alias_lines)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             child = f"{path}[{i}]"
-            lines[child] = item.start_mark.line + 1
-            _collect_lines(item, child, lines)
+            lines[child] = alias_lines.get((id(node), i), item.start_mark.line + 1)
+            _collect_lines(item, child, lines, seen, alias_lines)

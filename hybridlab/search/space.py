@@ -23,6 +23,7 @@ from hybridlab.config import (
     Mamba2Spec,
     MLPSpec,
     load_yaml_with_lines,
+    read_text_file,
 )
 from hybridlab.cost import param_count
 from hybridlab.train import TrainConfig
@@ -272,9 +273,7 @@ TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("<file>", "no such search-space file", source=str(path))
-    return parse_space(path.read_text(), source=str(path), default_name=path.stem)
+    return parse_space(read_text_file(path), source=str(path), default_name=path.stem)
 
 
 def parse_space(
