@@ -13,7 +13,6 @@ import hashlib
 import json
 import shlex
 import threading
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -27,14 +26,18 @@ from sqlalchemy.engine import Engine
 
 from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
 from hybridlab.cost import cost_report
-from hybridlab.search.storage import (
-    SQLITE_BUSY_TIMEOUT_S,
+from hybridlab.store import (
+    NOTED,
     Candidate,
     CurvePoint,
     Evaluation,
     StorageError,
     default_sqlite_url,
+    display_url,
     is_sqlite,
+    readonly_engine_kwargs,
+    readonly_url,
+    sqlite_path,
 )
 
 Direction = Literal["minimize", "maximize"]
@@ -74,31 +77,6 @@ def resolve_storage(study: str | None, storage: str | None, runs_dir: str | Path
     if study is None:
         raise StorageError("give --study or --storage")
     return default_sqlite_url(study, Path(runs_dir).resolve())
-
-
-def sqlite_path(url: str) -> Path:
-    return Path(sa.engine.make_url(url).database or "").resolve()
-
-
-def readonly_url(url: str) -> str:
-    """The URL opened for reading: SQLite through a ``mode=ro`` URI, which never creates a file."""
-    if not is_sqlite(url):
-        return url
-    # SQLite decodes the URI's %-escapes and SQLAlchemy decodes the URL's: built this way, each
-    # layer is escaped once and any file name survives both.
-    uri = "file:" + urllib.parse.quote(str(sqlite_path(url)))
-    readonly = sa.engine.URL.create("sqlite", database=uri, query={"mode": "ro", "uri": "true"})
-    return readonly.render_as_string(hide_password=False)
-
-
-def readonly_engine_kwargs(url: str) -> dict[str, Any]:
-    if is_sqlite(url):
-        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    if sa.engine.make_url(url).get_backend_name() == "postgresql":
-        # The server refuses any write in these sessions, whatever a library above tries.
-        return {"pool_pre_ping": True,
-                "connect_args": {"options": "-c default_transaction_read_only=on"}}
-    return {"pool_pre_ping": True}
 
 
 def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
@@ -165,11 +143,6 @@ def export_command(study: str, trial: int, *, database_args: Sequence[str] = ())
     return shlex.join(["hybridlab", "export", "--study", study, "--trial", str(trial),
                        "--format", "hybridlab", "--out", f"runs/export/{study}/trial-{trial}",
                        *database_args])
-
-
-def display_url(url: str) -> str:
-    """The URL without its password, fit to show on a page."""
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -319,7 +292,7 @@ class StudyDatabase:
             return value if value is not None else attrs.get(key)
 
         note = attrs.get("rejected")
-        if c is not None and c.status in ("rejected", "reused", "failed", "pruned"):
+        if c is not None and c.status in NOTED:
             note = f"{c.status}: {c.reason}" if c.reason else c.status
         return {
             "number": t.number,

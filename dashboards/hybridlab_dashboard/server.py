@@ -8,8 +8,9 @@ import sys
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from hybridlab.store import display_url
 from hybridlab_dashboard.app import DashboardApp, is_loopback
-from hybridlab_dashboard.data import StudyDatabase, display_url, resolve_storage
+from hybridlab_dashboard.data import StudyDatabase, resolve_storage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

@@ -60,7 +60,7 @@ from hybridlab.evaluation.loading import (
     resolve_trial,
 )
 from hybridlab.model import HybridLM, _pick
-from hybridlab.search.storage import default_sqlite_url
+from hybridlab.store import default_sqlite_url
 
 log = logging.getLogger(__name__)
 

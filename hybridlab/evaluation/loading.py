@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 import torch
 
 from hybridlab.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint
 from hybridlab.config import ArchConfig
 from hybridlab.errors import HybridlabError
-from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
-from hybridlab.search.storage import Artifact, Candidate, is_sqlite, make_engine, session_scope
+from hybridlab.store import (
+    StorageError,
+    load_study,
+    open_engine,
+    require_database,
+    trial_weights,
+)
+from hybridlab.store import top_trials as store_top_trials
 
 log = logging.getLogger(__name__)
 
@@ -89,91 +94,40 @@ def resolve_checkpoint(path: str | Path, *, arch: ArchConfig | str | Path | None
     return ModelSource(arch=config, checkpoint=step)
 
 
-def _check_database(url: str) -> None:
-    """Refuse a SQLite URL whose file does not exist (connecting would create an empty one)."""
-    if not is_sqlite(url):
-        return
-    database = sa.engine.make_url(url).database
-    if database and database != ":memory:" and not Path(database).is_file():
-        raise EvalError(f"storage {url}: no database file at {database}")
-
-
 def resolve_trial(storage_url: str, study: str, trial: int) -> ModelSource:
-    """The architecture and recorded checkpoint of one trial of a study."""
-    _check_database(storage_url)
-    engine = make_engine(storage_url)
+    """The architecture and verified checkpoint of one trial of a study."""
     try:
-        with session_scope(engine) as session:
-            row = session.scalars(sa.select(Candidate).where(
-                Candidate.study == study, Candidate.trial == trial)).first()
-            if row is None:
-                trials = session.scalars(sa.select(Candidate.trial).where(
-                    Candidate.study == study).order_by(Candidate.trial)).all()
-                if not trials:
-                    studies = session.scalars(sa.select(Candidate.study).distinct()).all()
-                    raise EvalError(f"storage {storage_url}: no study {study!r} "
-                                    f"(studies: {', '.join(sorted(studies)) or 'none'})")
-                raise EvalError(f"study {study!r} has no trial {trial} "
-                                f"(trials {min(trials)}..{max(trials)})")
-            where = f"trial {trial} of study {study!r}"
-            if row.arch is None:
-                raise EvalError(f"{where} has no architecture (status {row.status}: "
-                                f"{row.reason or 'no reason recorded'})")
-            owner = trial
-            if row.status == "reused" and row.reused_from is not None:
-                owner = row.reused_from
-            artifacts = session.scalars(sa.select(Artifact).where(
-                Artifact.study == study, Artifact.trial == owner,
-                Artifact.kind.startswith("checkpoint:")).order_by(Artifact.id)).all()
-            arch = ArchConfig.from_dict(row.arch, source=f"{where} (hl_candidate.arch)")
-            task, fingerprint = row.task, dict(row.task_fingerprint or {})
-    finally:
-        engine.dispose()
-    if not artifacts:
-        reused = f" (it reused trial {owner}'s genome)" if owner != trial else ""
-        raise EvalError(f"{where} has no recorded checkpoint{reused}; status {row.status}")
-    kinds = sorted({a.kind for a in artifacts})
-    if len(kinds) > 1:
-        raise EvalError(f"{where} has checkpoints for several tasks ({', '.join(kinds)}); "
-                        "lm-eval needs a single language model, trained on a corpus")
-    artifact = artifacts[-1]
-    step = Path(artifact.path)
-    weights = step / MODEL_FILE
-    if not weights.is_file():
-        raise EvalError(f"{where}: recorded checkpoint {step} is missing")
-    if sha256_file(weights) != artifact.sha256:
-        raise EvalError(f"{where}: {weights} changed since it was recorded "
-                        f"(sha256 no longer {artifact.sha256[:12]}...)")
-    return ModelSource(arch=arch, checkpoint=step, study=study, trial=trial,
-                       storage_url=storage_url, task=task, task_fingerprint=fingerprint)
+        require_database(storage_url)
+        with open_engine(storage_url) as engine:
+            weights = trial_weights(engine, study, trial)
+            checkpoints = weights.checkpoints
+            if len(checkpoints) > 1:
+                raise EvalError(f"trial {trial} of study {study!r} has checkpoints for several "
+                                f"tasks ({', '.join(sorted(checkpoints))}); lm-eval needs a "
+                                "single language model, trained on a corpus")
+            artifact = weights.checkpoint()
+    except StorageError as err:
+        raise EvalError(str(err)) from None
+    row = weights.candidate
+    arch = ArchConfig.from_dict(row.arch, source=f"trial {trial} of study {study!r} "
+                                "(hl_candidate.arch)")
+    return ModelSource(arch=arch, checkpoint=Path(artifact.path), study=study, trial=trial,
+                       storage_url=storage_url, task=row.task,
+                       task_fingerprint=dict(row.task_fingerprint or {}))
 
 
 def top_trials(storage_url: str, study: str, k: int) -> list[int]:
     """The ``k`` best complete trials: by value, or the Pareto front by the first objective."""
-    import optuna
-    from optuna.storages import RDBStorage
-    from optuna.trial import TrialState
-
-    from hybridlab.search.storage import engine_kwargs
-
     if k < 1:
         raise EvalError(f"--top must be at least 1, got {k}")
-    _check_database(storage_url)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = RDBStorage(storage_url, engine_kwargs=engine_kwargs(storage_url))
     try:
-        loaded = optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise EvalError(f"storage {storage_url}: no study {study!r} "
-                        f"(studies: {', '.join(sorted(names)) or 'none'})") from None
-    complete = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+        require_database(storage_url)
+        ranked = store_top_trials(load_study(study, storage_url), k)
+    except StorageError as err:
+        raise EvalError(str(err)) from None
+    if not ranked:
         raise EvalError(f"study {study!r} has no complete trials yet")
-    maximize = loaded.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    pool = loaded.best_trials if len(loaded.directions) > 1 else complete
-    ranked = sorted(pool, key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
-    return [t.number for t in ranked[:k]]
+    return [t.number for t in ranked]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

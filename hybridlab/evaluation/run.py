@@ -14,7 +14,6 @@ they fail in about a second with a message naming the task.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -33,7 +32,14 @@ from hybridlab.evaluation.loading import (
     top_trials,
 )
 from hybridlab.evaluation.tasks import LOCAL_GROUP, LOCAL_TASKS, TASKS_DIR
-from hybridlab.search.storage import Evaluation, default_sqlite_url, make_engine, session_scope
+from hybridlab.store import (
+    Evaluation,
+    StorageError,
+    default_sqlite_url,
+    open_engine,
+    session_scope,
+    set_trial_user_attrs,
+)
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -109,31 +115,11 @@ def scores(results: dict[str, Any]) -> list[Score]:
     return found
 
 
-def _trial_id(session, study: str, trial: int, tables: dict[str, sa.Table]) -> int:
-    studies, trials = tables["studies"], tables["trials"]
-    trial_id = session.execute(
-        sa.select(trials.c.trial_id)
-        .join(studies, trials.c.study_id == studies.c.study_id)
-        .where(studies.c.study_name == study, trials.c.number == trial)
-    ).scalar_one_or_none()
-    if trial_id is None:
-        raise EvalError(f"study {study!r} has no Optuna trial {trial}")
-    return trial_id
-
-
 def store_scores(storage_url: str, study: str, trial: int, found: Sequence[Score], *,
                  harness_version: str) -> None:
     """Replace the trial's lm-eval rows for these tasks and set its Optuna user attributes."""
-    engine = make_engine(storage_url)
     try:
-        with session_scope(engine) as session:
-            meta = sa.MetaData()
-            try:
-                tables = {name: sa.Table(name, meta, autoload_with=session.connection())
-                          for name in ("studies", "trials", "trial_user_attributes")}
-            except sa.exc.NoSuchTableError as err:
-                raise EvalError(f"storage {storage_url}: no Optuna table {err}") from None
-            trial_id = _trial_id(session, study, trial, tables)
+        with open_engine(storage_url) as engine, session_scope(engine) as session:
             session.execute(sa.delete(Evaluation).where(
                 Evaluation.study == study, Evaluation.trial == trial,
                 Evaluation.harness == HARNESS,
@@ -141,16 +127,10 @@ def store_scores(storage_url: str, study: str, trial: int, found: Sequence[Score
             session.add_all(Evaluation(study=study, trial=trial, task=s.task, metric=s.metric,
                                        value=s.value, stderr=s.stderr, harness=HARNESS,
                                        harness_version=harness_version) for s in found)
-            attrs = {f"lm_eval/{s.task}/{s.metric}": s.value for s in found}
-            user_attrs = tables["trial_user_attributes"]
-            session.execute(sa.delete(user_attrs).where(user_attrs.c.trial_id == trial_id,
-                                                        user_attrs.c.key.in_(attrs)))
-            if attrs:
-                session.execute(sa.insert(user_attrs), [
-                    {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                    for key, value in attrs.items()])
-    finally:
-        engine.dispose()
+            set_trial_user_attrs(session, study, trial,
+                                 {f"lm_eval/{s.task}/{s.metric}": s.value for s in found})
+    except StorageError as err:
+        raise EvalError(f"storage {storage_url}: {err}") from None
 
 
 def _limit(text: str) -> float:

@@ -7,7 +7,7 @@ import sys
 
 from hybridlab.export.common import ExportError
 from hybridlab.export.writer import FORMATS
-from hybridlab.search.storage import StorageError
+from hybridlab.store import StorageError
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:

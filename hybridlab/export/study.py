@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 import optuna
-import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 from safetensors.torch import load_model
 from sqlalchemy.engine import Engine
@@ -22,15 +21,21 @@ from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.export.card import EvalRow, Objective, Provenance
 from hybridlab.export.common import ExportError, atomic_folder, write_json
 from hybridlab.export.writer import ExportResult, write_export
-from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
-from hybridlab.search.status import resolve_study
-from hybridlab.search.storage import Artifact, Candidate, Evaluation, make_engine, session_scope
+from hybridlab.store import (
+    Evaluation,
+    StorageError,
+    best_trials,
+    display_url,
+    load_study,
+    open_engine,
+    resolve_study,
+    session_scope,
+    trial_weights,
+)
 
 Selection = Literal["best", "pareto"] | int
-CHECKPOINT_KIND = "checkpoint:"
 SELECTION_FILE = "selection.json"
-EXPORTABLE = ("trained", "reused")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,41 +83,15 @@ def _select(study: optuna.Study, selection: Selection) -> tuple[list[FrozenTrial
         raise ExportError(f"study {study.study_name!r} has no completed trial to export")
     objectives = ", ".join(f"{d.name.lower()} {n}" for n, d in
                            zip(names, study.directions, strict=False))
+    chosen = best_trials(study)
     if selection == "best" and len(study.directions) == 1:
-        best = study.best_trial
+        best = chosen[0]
         return [best], f"best trial {best.number} ({objectives} = {best.value:.6g})"
-    pareto = sorted(study.best_trials, key=lambda t: t.number)
-    numbers = ", ".join(str(t.number) for t in pareto)
+    numbers = ", ".join(str(t.number) for t in chosen)
     if selection == "best":
-        return pareto, (f"--best on a study with {len(study.directions)} objectives "
+        return chosen, (f"--best on a study with {len(study.directions)} objectives "
                         f"({objectives}) exports every Pareto-optimal trial: {numbers}")
-    return pareto, f"Pareto-optimal trials ({objectives}): {numbers}"
-
-
-def _candidate(engine: Engine, study: str, trial: int) -> Candidate | None:
-    with session_scope(engine) as session:
-        return session.scalars(sa.select(Candidate).where(
-            Candidate.study == study, Candidate.trial == trial)).first()
-
-
-def _checkpoint(engine: Engine, study: str, trial: int, task: str | None) -> Artifact:
-    """The newest checkpoint artifact of ``trial`` (of ``task``, for a suite)."""
-    with session_scope(engine) as session:
-        rows = session.scalars(sa.select(Artifact).where(
-            Artifact.study == study, Artifact.trial == trial,
-            Artifact.kind.startswith(CHECKPOINT_KIND)).order_by(Artifact.id)).all()
-    latest = {row.kind.removeprefix(CHECKPOINT_KIND): row for row in rows}
-    if not latest:
-        raise ExportError(f"trial {trial} has no recorded checkpoint, so no weights to export")
-    if task is not None:
-        if task not in latest:
-            raise ExportError(f"trial {trial} has no checkpoint for task {task!r} "
-                              f"(it has {sorted(latest)})")
-        return latest[task]
-    if len(latest) > 1:
-        raise ExportError(f"trial {trial} has one checkpoint per task {sorted(latest)}; "
-                          "choose one with --task")
-    return next(iter(latest.values()))
+    return chosen, f"Pareto-optimal trials ({objectives}): {numbers}"
 
 
 def _resolve(
@@ -120,35 +99,13 @@ def _resolve(
 ) -> _Resolved:
     """The trial's architecture and verified trained weights, and where they came from."""
     name = study.study_name
-    cand = _candidate(engine, name, trial.number)
-    if cand is None:
-        raise ExportError(f"trial {trial.number} ({trial.state.name.lower()}) has no "
-                          "hybridlab record: it ended before an architecture was sampled")
-    if cand.status not in EXPORTABLE or cand.arch is None:
-        reason = f" ({cand.reason})" if cand.reason else ""
-        raise ExportError(f"trial {trial.number} was {cand.status}{reason}: only trained (or "
-                          "reused) candidates have finished weights to export")
-    source = cand
-    if cand.status == "reused":
-        if cand.reused_from is None:
-            raise ExportError(f"trial {trial.number} is marked reused but names no original")
-        source = _candidate(engine, name, cand.reused_from)
-        if source is None or source.status != "trained":
-            raise ExportError(f"trial {trial.number} reuses trial {cand.reused_from}, which "
-                              "has no trained weights")
-        if source.genome_hash != cand.genome_hash:
-            raise ExportError(f"trial {trial.number} reuses trial {cand.reused_from}, but their "
-                              "genome hashes differ")
-    artifact = _checkpoint(engine, name, source.trial, task)
+    try:
+        weights = trial_weights(engine, name, trial.number)
+        artifact = weights.checkpoint(task)
+    except StorageError as err:
+        raise ExportError(str(err)) from None
+    cand = weights.candidate
     path = Path(artifact.path)
-    where = f"trial {source.trial}'s checkpoint {path}"
-    if not (path / MODEL_FILE).is_file():
-        raise ExportError(f"{where} is missing (moved or deleted?)")
-    actual = sha256_file(path / MODEL_FILE)
-    if actual != artifact.sha256:
-        raise ExportError(f"{where}: {MODEL_FILE} has sha256 {actual[:12]}... but the study "
-                          f"database recorded {artifact.sha256[:12]}...; it was modified after "
-                          "training, refusing to export it")
     try:
         meta = verify_checkpoint(path)
         arch = ArchConfig.from_dict(cand.arch, source=f"trial {trial.number} arch")
@@ -161,22 +118,20 @@ def _resolve(
         for n, d, v in zip(names, study.directions, trial.values or [], strict=False)
     )
     with session_scope(engine) as session:
-        evals = session.scalars(sa.select(Evaluation).where(
-            Evaluation.study == name, Evaluation.trial == source.trial)
-            .order_by(Evaluation.id)).all()
+        evals = Evaluation.of_trial(session, name, weights.owner)
     provenance = Provenance(
-        study=name, trial=trial.number, weights_trial=source.trial,
-        storage=sa.engine.make_url(storage).render_as_string(hide_password=True),
+        study=name, trial=trial.number, weights_trial=weights.owner,
+        storage=display_url(storage),
         status=cand.status, optimized=optimized, objectives=dict(cand.objectives or {}),
         evaluations=tuple(EvalRow(task=e.task, metric=e.metric, value=e.value, stderr=e.stderr,
                                   harness=e.harness) for e in evals),
         task=cand.task, task_fingerprint=cand.task_fingerprint, corpus_hash=cand.corpus_hash,
-        code_version=source.code_version, checkpoint=str(path),
+        code_version=weights.trained.code_version, checkpoint=str(path),
         checkpoint_sha256=artifact.sha256, checkpoint_step=meta.get("step"),
         state_context=cand.state_context,
     )
     return _Resolved(trial=trial, arch=arch, weights=path / MODEL_FILE,
-                     weights_trial=source.trial, provenance=provenance)
+                     weights_trial=weights.owner, provenance=provenance)
 
 
 def export_study(
@@ -197,12 +152,10 @@ def export_study(
     "pareto"); several go to ``out/trial_NNNN/`` with a ``selection.json`` listing them. Trials that
     reuse the weights of another selected trial are exported once.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     name, url = resolve_study(study, storage, runs_dir)
-    loaded = optuna.load_study(study_name=name, storage=url)
+    loaded = load_study(name, url)
     trials, description = _select(loaded, selection)
-    engine = make_engine(url)
-    try:
+    with open_engine(url) as engine:
         skipped: list[str] = []
         chosen: list[_Resolved] = []
         weights_of: dict[int, int] = {}
@@ -216,8 +169,6 @@ def export_study(
                 continue
             weights_of[item.weights_trial] = trial.number
             chosen.append(item)
-    finally:
-        engine.dispose()
 
     out = Path(out)
     results: list[ExportResult] = []

@@ -35,9 +35,11 @@ from hybridlab.data.tasks import make_task
 from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 from hybridlab.search.space import Rejected, SearchSpace, check_budgets, sample_architecture
-from hybridlab.search.storage import (
+from hybridlab.store import (
+    CHECKPOINT_KIND,
     Artifact,
     Candidate,
+    CandidateStatus,
     CurvePoint,
     Evaluation,
     Slot,
@@ -99,7 +101,8 @@ class Objective:
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as err:
-            self._record(trial.number, status="failed", reason=f"{type(err).__name__}: {err}")
+            self._record(trial.number, status=CandidateStatus.FAILED,
+                         reason=f"{type(err).__name__}: {err}")
             raise
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
@@ -120,7 +123,7 @@ class Objective:
         reused = self._find_trained(arch.canonical_hash())
         if reused is not None:
             trial.set_user_attr("reused_from", reused.trial)
-            self._record(trial.number, arch=arch, costs=costs, status="reused",
+            self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.REUSED,
                          reason=f"same genome as trial {reused.trial}",
                          reused_from=reused.trial, objectives=reused.objectives,
                          tokens_per_second=reused.tokens_per_second)
@@ -131,7 +134,7 @@ class Objective:
             model, batch_size=4, seqlen=self.tasks[0].seq_len, repeats=2, seed=self.space.seed)
         costs = {**costs, "tokens_per_second": tokens_per_second}
         trial.set_user_attr("tokens_per_second", tokens_per_second)
-        self._record(trial.number, arch=arch, costs=costs, status="running")
+        self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.RUNNING)
 
         results = [self._train_on(trial, arch, task) for task in self.tasks]
         trial.set_user_attr("train_seconds", sum(r.seconds for r in results))
@@ -139,7 +142,8 @@ class Objective:
         resumed = max(r.resumed_from for r in results)
         if resumed:
             trial.set_user_attr("resumed_from_step", resumed)
-        for status, outcome in (("diverged", "failed"), ("stopped", "pruned")):
+        for status, outcome in (("diverged", CandidateStatus.FAILED),
+                                ("stopped", CandidateStatus.PRUNED)):
             stopped = [r for r in results if r.status == status]
             if stopped:
                 self._record(trial.number, arch=arch, costs=costs, status=outcome,
@@ -147,7 +151,7 @@ class Objective:
                 raise optuna.TrialPruned(stopped[0].reason)
         metrics = _mean_metrics([r.metrics for r in results])
         objectives = {**{k: float(v) for k, v in costs.items()}, **metrics}
-        self._record(trial.number, arch=arch, costs=costs, status="trained",
+        self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.TRAINED,
                      reason=results[0].reason, objectives=objectives)
         return self._values(objectives)
 
@@ -192,19 +196,15 @@ class Objective:
                 costs: dict[str, float] | None = None) -> optuna.TrialPruned:
         """Record the rejection; the caller raises the returned exception."""
         trial.set_user_attr("rejected", reason)
-        self._record(trial.number, arch=arch, costs=costs, status="rejected", reason=reason)
+        self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.REJECTED,
+                     reason=reason)
         return optuna.TrialPruned(f"rejected: {reason}")
 
     def _find_trained(self, genome_hash: str) -> Candidate | None:
         with session_scope(self.engine) as session:
-            return session.scalars(
-                sa.select(Candidate).where(
-                    Candidate.study == self.study, Candidate.genome_hash == genome_hash,
-                    Candidate.status == "trained",
-                ).order_by(Candidate.trial).limit(1)
-            ).first()
+            return Candidate.first_trained(session, self.study, genome_hash)
 
-    def _record(self, trial: int, *, status: str, reason: str | None = None,
+    def _record(self, trial: int, *, status: CandidateStatus, reason: str | None = None,
                 arch: ArchConfig | None = None, costs: dict[str, float] | None = None,
                 reused_from: int | None = None, objectives: dict[str, Any] | None = None,
                 tokens_per_second: float | None = None) -> None:
@@ -224,7 +224,7 @@ class Objective:
             "task_fingerprint": json.loads(json.dumps(fingerprint, default=str)),
             "corpus_hash": fingerprints[0].get("corpus_hash"),
             "code_version": code_version(),
-            "status": status,
+            "status": status.value,
             "reason": reason,
             "reused_from": reused_from,
             "objectives": objectives,
@@ -261,7 +261,8 @@ class Objective:
                                        harness="hybridlab-proxy", harness_version=code_version()))
             if result.checkpoint is not None:
                 weights = result.checkpoint / MODEL_FILE
-                session.add(Artifact(study=self.study, trial=trial, kind=f"checkpoint:{task.name}",
+                session.add(Artifact(study=self.study, trial=trial,
+                                     kind=f"{CHECKPOINT_KIND}{task.name}",
                                      path=str(result.checkpoint.resolve()),
                                      sha256=sha256_file(weights)))
 

@@ -33,15 +33,18 @@ from hybridlab.search.space import (
     make_sampler,
     parse_space,
 )
-from hybridlab.search.storage import (
+from hybridlab.store import (
     Candidate,
+    CandidateStatus,
     Slot,
     StorageError,
+    best_trials,
     create_tables,
     default_sqlite_url,
     engine_kwargs,
     is_sqlite,
     make_engine,
+    open_engine,
     session_scope,
     worker_id,
 )
@@ -99,11 +102,8 @@ def make_optuna_storage(opts: RunOptions) -> RDBStorage:
 
 def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optuna.Study:
     """Create (or load) the study and every table; run once, in the driver, before workers."""
-    engine = make_engine(opts.storage_url)
-    try:
+    with open_engine(opts.storage_url) as engine:
         create_tables(engine)
-    finally:
-        engine.dispose()
     study = optuna.create_study(
         study_name=opts.study, storage=make_optuna_storage(opts),
         directions=space.directions, load_if_exists=True,
@@ -216,15 +216,6 @@ def progress_line(study: optuna.Study, trials: int, started: float) -> str:
     return line
 
 
-def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return []
-    if len(study.directions) > 1:
-        return study.best_trials
-    return [study.best_trial]
-
-
 def _start_ray(address: str | None, opts: RunOptions, space: SearchSpace):
     import ray
 
@@ -323,16 +314,8 @@ def run_search(
 
 def last_failure(opts: RunOptions) -> str:
     """The reason recorded for the newest failed candidate (see ``Objective``), if any."""
-    engine = make_engine(opts.storage_url)
-    try:
-        with session_scope(engine) as session:
-            reason = session.scalars(
-                sa.select(Candidate.reason).where(
-                    Candidate.study == opts.study, Candidate.status == "failed",
-                ).order_by(Candidate.trial.desc()).limit(1)
-            ).first()
-    finally:
-        engine.dispose()
+    with open_engine(opts.storage_url) as engine, session_scope(engine) as session:
+        reason = Candidate.newest_reason(session, opts.study, CandidateStatus.FAILED)
     return reason or "none recorded (a worker died?)"
 
 

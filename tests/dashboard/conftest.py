@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba1Spec, Mamba2Spec
 from hybridlab.cost import flops_per_token, inference_state_bytes, param_count
-from hybridlab.search.storage import (
+from hybridlab.store import (
     Candidate,
     CurvePoint,
     Evaluation,

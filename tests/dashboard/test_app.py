@@ -5,7 +5,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import RDBStorage
 
-from hybridlab.search.storage import create_tables, make_engine
+from hybridlab.store import create_tables, make_engine
 from hybridlab_dashboard import DashboardApp, StudyDatabase
 
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from hybridlab.config import AttentionSpec, Mamba2Spec
 from hybridlab.cost import cost_report
-from hybridlab.search.storage import CurvePoint, StorageError, make_engine, session_scope
+from hybridlab.store import CurvePoint, StorageError, make_engine, session_scope
 from hybridlab_dashboard.data import (
     StudyDatabase,
     export_command,

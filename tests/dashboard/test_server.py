@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hybridlab.search.storage import StorageError
+from hybridlab.store import StorageError
 from hybridlab_dashboard import (
     DashboardApp,
     StudyDatabase,

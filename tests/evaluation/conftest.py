@@ -10,7 +10,7 @@ from hybridlab.checkpoint import MODEL_FILE
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba2Spec
 from hybridlab.data.corpus import CorpusConfig, CorpusTask
 from hybridlab.model import HybridLM
-from hybridlab.search.storage import (
+from hybridlab.store import (
     Artifact,
     Candidate,
     Evaluation,

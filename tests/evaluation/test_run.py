@@ -15,7 +15,7 @@ from hybridlab.evaluation.lm_eval import HybridLabLM
 from hybridlab.evaluation.loading import EvalError, resolve_trial, top_trials
 from hybridlab.evaluation.run import HARNESS, add_eval_arguments, eval_command, run_lm_eval
 from hybridlab.evaluation.tasks import LOCAL_TASKS, TASKS_DIR
-from hybridlab.search.storage import Evaluation, make_engine, session_scope
+from hybridlab.store import Evaluation, make_engine, session_scope
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def test_a_changed_checkpoint_is_refused(study_db, trained, tmp_path):
     original = weights.read_bytes()
     try:
         weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        with pytest.raises(EvalError, match="changed since it was recorded"):
+        with pytest.raises(EvalError, match="modified after training"):
             resolve_trial(study_db, "evalstudy", 0)
     finally:
         weights.write_bytes(original)

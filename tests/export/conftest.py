@@ -12,7 +12,7 @@ from hybridlab.config import ArchConfig, AttentionSpec, Mamba2Spec, MLPSpec
 from hybridlab.data.tasks import make_task
 from hybridlab.export.common import sha256_file
 from hybridlab.model import HybridLM
-from hybridlab.search.storage import (
+from hybridlab.store import (
     Artifact,
     Candidate,
     Evaluation,

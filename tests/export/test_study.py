@@ -15,7 +15,7 @@ from hybridlab.export import add_export_arguments, export_command, load_hybridla
 from hybridlab.export.common import ExportError, ExportRefused, sha256_file
 from hybridlab.export.study import export_study
 from hybridlab.model import HybridLM
-from hybridlab.search.storage import Artifact, StorageError, make_engine, session_scope
+from hybridlab.store import Artifact, StorageError, make_engine, session_scope
 
 
 def parse(*argv: str) -> argparse.Namespace:

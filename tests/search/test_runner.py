@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from hybridlab.search.runner import run_search
 from hybridlab.search.status import study_table
-from hybridlab.search.storage import Artifact, Candidate, CurvePoint, Slot, make_engine
+from hybridlab.store import Artifact, Candidate, CurvePoint, Slot, make_engine
 
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}

@@ -73,6 +73,28 @@ BAD_SPACES = [
             "mlp_after_mixer: never\n    attention_every: 2\n    first_layer: [mamba1]"),
      "model.rules.first_layer", "attention_every"),
     (TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb], top_k: 0}\n", "lm_eval.top_k", ">= 1"),
+    (mutate("max_params: 100000", "max_params: 100000\n  max_flops_per_token: .nan"),
+     "budgets.max_flops_per_token", "finite number, got nan"),
+    (mutate("max_params: 100000", "max_params: 100000\n  max_flops_per_token: .inf"),
+     "budgets.max_flops_per_token", "finite number, got inf"),
+    (mutate("cpus_per_worker: 1", "cpus_per_worker: .inf"), "resources.cpus_per_worker",
+     "finite number"),
+    (mutate("cpus_per_worker: 1", "cpus_per_worker: .nan"), "resources.cpus_per_worker",
+     "finite number"),
+    (mutate("mlp_after_mixer: never", "mlp_after_mixer: always").replace(
+        "  attention: {n_heads: 2}", "  attention: {n_heads: 2}\n  mlp: {multiplier: .nan}"),
+     "model.mlp.multiplier", "finite number"),
+    (mutate("mlp_after_mixer: never", "mlp_after_mixer: always").replace(
+        "  attention: {n_heads: 2}",
+        "  attention: {n_heads: 2}\n  mlp: {multiplier: {low: 1.0, high: .inf}}"),
+     "model.mlp.multiplier.high", "finite number"),
+    (mutate("mlp_after_mixer: never",
+            "mlp_after_mixer: never\n    attention_fraction: {min: .nan}"),
+     "model.rules.attention_fraction.min", "finite number"),
+    (TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb], limit: .inf}\n", "lm_eval.limit",
+     "finite number"),
+    (mutate("seed: 0", "seed: 1180591620717411303424"), "seed", "4294967295"),
+    (mutate("trials: 4", "trials: 1000000000"), "trials", "at most 100000"),
 ]
 
 

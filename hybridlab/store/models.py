@@ -1,0 +1,181 @@
+"""hybridlab's tables beside Optuna's, and the queries over them.
+
+The tables have their own declarative base and an ``hl_`` prefix; they are keyed by study name and
+trial number rather than by a foreign key into Optuna's tables (a foreign key across two metadata
+objects fails at create time). Queries live beside their table as classmethods taking a session;
+every write goes through :func:`hybridlab.store.engine.session_scope`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+SCHEMA_VERSION = 1
+CHECKPOINT_KIND = "checkpoint:"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class CandidateStatus(str, enum.Enum):
+    """What became of a trial's candidate (``hl_candidate.status``)."""
+
+    RUNNING = "running"
+    TRAINED = "trained"
+    REUSED = "reused"
+    REJECTED = "rejected"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Statuses that end with weights: a reused candidate points at the trial that trained them.
+WITH_WEIGHTS = (CandidateStatus.TRAINED, CandidateStatus.REUSED)
+# Statuses whose reason is worth a note in tables and the dashboard.
+NOTED = (CandidateStatus.REJECTED, CandidateStatus.REUSED, CandidateStatus.FAILED,
+         CandidateStatus.PRUNED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "hl_schema"
+    version: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Candidate(Base):
+    """One trial's architecture, its cost, and what became of it."""
+
+    __tablename__ = "hl_candidate"
+    __table_args__ = (sa.UniqueConstraint("study", "trial"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study: Mapped[str] = mapped_column(sa.String(255), index=True)
+    trial: Mapped[int]
+    # Empty for a candidate rejected by the pattern rules before it had an architecture.
+    genome_hash: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    pattern: Mapped[str | None] = mapped_column(sa.String(1024))
+    arch: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    params: Mapped[int | None] = mapped_column(sa.BigInteger)
+    flops_per_token: Mapped[float | None]
+    state_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    state_context: Mapped[int | None]
+    tokens_per_second: Mapped[float | None]
+    task: Mapped[str] = mapped_column(sa.String(255))
+    task_fingerprint: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    corpus_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    code_version: Mapped[str] = mapped_column(sa.String(64))
+    # A CandidateStatus value.
+    status: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    reused_from: Mapped[int | None]
+    objectives: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+    @classmethod
+    def get(cls, session: Session, study: str, trial: int) -> Candidate | None:
+        return session.scalars(sa.select(cls).where(cls.study == study,
+                                                    cls.trial == trial)).first()
+
+    @classmethod
+    def of_study(cls, session: Session, study: str) -> dict[int, Candidate]:
+        rows = session.scalars(sa.select(cls).where(cls.study == study)).all()
+        return {row.trial: row for row in rows}
+
+    @classmethod
+    def first_trained(cls, session: Session, study: str, genome_hash: str) -> Candidate | None:
+        """The earliest trial that trained this genome in the study, if any."""
+        return session.scalars(sa.select(cls).where(
+            cls.study == study, cls.genome_hash == genome_hash,
+            cls.status == CandidateStatus.TRAINED.value,
+        ).order_by(cls.trial).limit(1)).first()
+
+    @classmethod
+    def newest_reason(cls, session: Session, study: str, status: CandidateStatus) -> str | None:
+        return session.scalars(sa.select(cls.reason).where(
+            cls.study == study, cls.status == status.value,
+        ).order_by(cls.trial.desc()).limit(1)).first()
+
+    @classmethod
+    def studies(cls, session: Session) -> list[str]:
+        return sorted(session.scalars(sa.select(cls.study).distinct()).all())
+
+
+class CurvePoint(Base):
+    __tablename__ = "hl_curve"
+    __table_args__ = (sa.Index("ix_hl_curve_trial", "study", "trial"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study: Mapped[str] = mapped_column(sa.String(255))
+    trial: Mapped[int]
+    step: Mapped[int]
+    split: Mapped[str] = mapped_column(sa.String(16))
+    metric: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[float]
+
+
+class Evaluation(Base):
+    __tablename__ = "hl_evaluation"
+    __table_args__ = (sa.Index("ix_hl_evaluation_trial", "study", "trial"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study: Mapped[str] = mapped_column(sa.String(255))
+    trial: Mapped[int]
+    task: Mapped[str] = mapped_column(sa.String(255))
+    metric: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[float]
+    stderr: Mapped[float | None]
+    harness: Mapped[str] = mapped_column(sa.String(64))
+    harness_version: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+    @classmethod
+    def of_trial(cls, session: Session, study: str, trial: int) -> list[Evaluation]:
+        return list(session.scalars(sa.select(cls).where(
+            cls.study == study, cls.trial == trial).order_by(cls.id)).all())
+
+
+class Artifact(Base):
+    __tablename__ = "hl_artifact"
+    __table_args__ = (sa.Index("ix_hl_artifact_trial", "study", "trial"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study: Mapped[str] = mapped_column(sa.String(255))
+    trial: Mapped[int]
+    kind: Mapped[str] = mapped_column(sa.String(64))
+    path: Mapped[str] = mapped_column(sa.Text)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+    @classmethod
+    def checkpoints(cls, session: Session, study: str, trial: int) -> dict[str, Artifact]:
+        """The newest checkpoint artifact of each task the trial trained on, keyed by task."""
+        rows = session.scalars(sa.select(cls).where(
+            cls.study == study, cls.trial == trial,
+            cls.kind.startswith(CHECKPOINT_KIND)).order_by(cls.id)).all()
+        return {row.kind.removeprefix(CHECKPOINT_KIND): row for row in rows}
+
+
+class Slot(Base):
+    """A claim on one of the study's ``trials`` places: the cap holds across workers and restarts.
+
+    A worker claims a free slot before it asks Optuna for a trial and records the trial's number in
+    it; a slot whose trial failed is released, so exactly ``trials`` trials finish.
+    """
+
+    __tablename__ = "hl_slot"
+    study: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    slot: Mapped[int] = mapped_column(primary_key=True)
+    trial: Mapped[int | None]
+    owner: Mapped[str] = mapped_column(sa.String(255))
+    # Unix seconds: comparable across hosts and database time zones (a naive timestamp is not).
+    claimed_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
