@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from hybridlab import __version__, code_version
 from hybridlab.checkpoint import CheckpointError
 from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
 from hybridlab.cost import cost_report, measure_tokens_per_second
@@ -187,6 +188,20 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the release and the code it runs; git is asked only when the flag is given."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"hybridlab {__version__} (code {code_version()})")
+        parser.exit()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "inspect": inspect,
     "train": train_command,
@@ -200,16 +215,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridlab", description=__doc__)
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version and the code's git commit, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
     p.add_argument("config", nargs="?", default="tiny-hybrid",
                    help="architecture file or preset name (default: tiny-hybrid)")
     p.add_argument("--contexts", default="1024,8192,131072",
                    help="comma-separated context lengths for the cost table")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4,
+                   help="sequences per forward pass for the throughput measurement")
+    p.add_argument("--seqlen", type=int, default=256,
+                   help="tokens per sequence for the throughput measurement")
     p.add_argument("--generate", type=int, default=16, help="tokens to decode")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the throughput input and the decoded prompt")
 
     t = sub.add_parser("train", help=train_command.__doc__, description=train_command.__doc__)
     t.add_argument("arch", help="architecture file or preset name")
@@ -221,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one train setting, e.g. --set lr=0.003")
     t.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="task knob, e.g. --task-option num_kv_pairs=8")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the data and the training order")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--device", help="cpu | cuda | cuda:N")
     t.add_argument("--out", help="checkpoint folder (default: runs/train/<arch>-<task>-<settings>)")
@@ -242,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help=status_command.__doc__, description=status_command.__doc__)
     st.add_argument("--study", help="study name (default: the only study in the database)")
     st.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
-    st.add_argument("--runs-dir", default="runs")
+    st.add_argument("--runs-dir", default="runs",
+                    help="where the default databases <runs-dir>/<study>.db live")
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     add_export_arguments(e)

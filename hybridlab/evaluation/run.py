@@ -147,7 +147,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                        "holding them; the architecture is arch.yaml beside it unless --arch")
     which.add_argument("--study", help="study whose --trial N or --top K trials to evaluate")
     parser.add_argument("--storage", help="database URL (default: sqlite:///<runs-dir>/<study>.db)")
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default="runs",
+                        help="where the default database <runs-dir>/<study>.db lives")
     parser.add_argument("--trial", type=int, help="the study trial to evaluate")
     parser.add_argument("--top", type=int, metavar="K",
                         help="evaluate the K best complete trials (Pareto front, by the first "
@@ -160,7 +161,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_limit,
                         help="documents per task (a fraction when below 1)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="requests scored per forward pass (default: 16)")
     parser.add_argument("--max-length", type=int,
                         help="context window (default: the trial's training seq_len, else 2048)")
     parser.add_argument("--tokenizer", default="byte",
