@@ -8,6 +8,8 @@ training stopped, comes back as a ``TrainResult`` the caller records.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +29,10 @@ from hybridlab.model import HybridLM
 
 Status = Literal["completed", "budget", "stopped", "diverged"]
 EvalCallback = Callable[[int, dict[str, float]], bool | None]
+
+# TrainConfig fields that change how a run executes but neither its weights nor its curve:
+# resuming from a checkpoint is exact, so where and how often it is written does not matter.
+OPERATIONAL_FIELDS = frozenset({"threads", "device", "checkpoint_every", "keep_checkpoints"})
 
 # Parameters that get no weight decay besides every vector: the SSM's own dynamics.
 NO_DECAY_SUFFIXES = ("A_log", ".D", "dt_bias", "dt_proj.bias")
@@ -118,6 +124,17 @@ class TrainResult:
     curve: list[dict[str, Any]] = field(default_factory=list)  # {step, split, metric, value}
     checkpoint: Path | None = None
     resumed_from: int = 0  # the step of the checkpoint this run continued from (0: fresh)
+
+
+def settings_key(cfg: TrainConfig, task: TaskData) -> str:
+    """12 hex chars naming what besides the genome decides the trained weights and curve.
+
+    Covers every train setting except ``OPERATIONAL_FIELDS`` and the task's exact data
+    (fingerprint: name, version, knobs, seed). Runs with equal keys may share a checkpoint folder.
+    """
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
+    text = json.dumps({"train": train, "task": task.fingerprint()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,7 +1,7 @@
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from hybridlab.checkpoint import (
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba1Spec, Mamba2Spec
 from hybridlab.data.task import IGNORE, Batch
 from hybridlab.model import HybridLM
-from hybridlab.train import TrainConfig, build_optimizer, lr_at, train
+from hybridlab.train import TrainConfig, build_optimizer, lr_at, settings_key, train
 
 
 @dataclass
@@ -245,3 +245,24 @@ def test_integer_train_fields_refuse_floats_and_bools(name, value):
 def test_in_range_train_floats_and_integral_floats_are_accepted():
     cfg = TrainConfig(lr=1, weight_decay=0, beta2=0.999, max_seconds=2.5, min_lr_ratio=1.0)
     assert (cfg.lr, cfg.weight_decay, cfg.max_seconds) == (1, 0, 2.5)
+
+
+def test_settings_key_ignores_how_a_run_executes_but_not_what_it_learns():
+    from hybridlab.data.tasks import make_task
+
+    cfg = TrainConfig(steps=40, **FAST)
+    mqar = make_task("mqar", seed=1, vocab_size=64)
+    key = settings_key(cfg, mqar)
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert settings_key(TrainConfig(steps=40, **FAST), make_task("mqar", seed=1, vocab_size=64)) \
+        == key
+    for operational in (dict(threads=1), dict(threads=7), dict(device="cuda:1"),
+                        dict(checkpoint_every=5), dict(keep_checkpoints=9)):
+        assert settings_key(replace(cfg, **operational), mqar) == key, operational
+    changed = {settings_key(replace(cfg, **decisive), mqar) for decisive in (
+        dict(lr=2e-2), dict(steps=41), dict(seed=1), dict(batch_size=4), dict(max_tokens=999),
+        dict(warmup_steps=4), dict(precision="bf16"), dict(eval_every=6))}
+    changed |= {settings_key(cfg, make_task("mqar", seed=2, vocab_size=64)),
+                settings_key(cfg, make_task("mqar", seed=1, vocab_size=128)),
+                settings_key(cfg, ShiftTask())}
+    assert key not in changed and len(changed) == 11
