@@ -41,6 +41,18 @@ def make_dashboard_server(app: DashboardApp, host: str = DEFAULT_HOST,
     return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
 
 
+def port_number(text: str) -> int:
+    """An argparse type for ``--port``: refused at parsing, before any database is opened."""
+    try:
+        port: int | None = int(text)
+    except ValueError:
+        port = None
+    if port is None or not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use 0 (any free port) or "
+                                         "1-65535")
+    return port
+
+
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", help="study shown first (default: the first in the database)")
     parser.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
@@ -48,7 +60,7 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the default database <runs-dir>/<study>.db lives")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"port to listen on (default: {DEFAULT_PORT}; 0 picks a free one)")
 
 

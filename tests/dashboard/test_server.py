@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hybridlab.cli import main
 from hybridlab.store import StorageError
 from hybridlab_dashboard import (
     DashboardApp,
@@ -101,3 +102,20 @@ def test_export_lines_find_the_same_database(argv, expected, monkeypatch):
     monkeypatch.setattr(server, "make_dashboard_server", capture)
     assert dashboard_command(parse(*argv)) == 2
     assert made[0].database._database_args == expected
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "http"])
+def test_a_port_out_of_range_is_refused_before_anything_starts(port, tmp_path: Path, capsys,
+                                                              monkeypatch):
+    started = []
+    monkeypatch.setattr(server, "make_dashboard_server", lambda *a: started.append(a))
+    with pytest.raises(SystemExit) as exited:
+        main(["dashboard", "--study", "s", "--runs-dir", str(tmp_path), "--port", port])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --port" in err and "0 (any free port) or 1-65535" in err
+    assert "Traceback" not in err and started == []
+
+
+def test_the_port_range_ends_are_accepted():
+    assert [parse("--port", p).port for p in ("0", "1", "65535")] == [0, 1, 65535]
