@@ -281,7 +281,14 @@ def _read_float(data: Mapping[str, Any], key: str, where: str, *, default: float
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}{key}", f"must be a number, got {value!r}")
+    _finite(value, f"{where}{key}")
     return float(value)
+
+
+def _finite(value: int | float, name: str) -> None:
+    # NaN compares false with every bound, so range checks alone let it through.
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
 
 
 def _read_bool(data: Mapping[str, Any], key: str, where: str, *, default: bool) -> bool:
@@ -340,6 +347,7 @@ def _arch_from_dict(data: Any) -> ArchConfig:
 def _positive(value: Any, name: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(name, f"must be a positive number, got {value!r}")
+    _finite(value, name)
     if value <= 0:
         raise ConfigError(name, f"must be positive, got {value!r}")
 

@@ -97,6 +97,11 @@ def base_dict(**layer) -> dict:
         (base_dict(type="mamba1", d_state=True), "layers[1].d_state", "integer"),
         (base_dict(type="mamba1", d_state="16"), "layers[1].d_state", "integer"),
         ({"d_model": 64, "layers": [{"type": "mlp"}]}, "vocab_size", "missing"),
+        (base_dict(type="mlp", multiplier=float("nan")), "layers[1].multiplier", "finite"),
+        (base_dict(type="attention", rope_theta=float("inf")), "layers[1].rope_theta",
+         "finite"),
+        ({**base_dict(type="mlp"), "norm_eps": float("nan")}, "norm_eps", "finite"),
+        ({**base_dict(type="mlp"), "norm_eps": float("-inf")}, "norm_eps", "finite"),
     ],
 )
 def test_bad_configs_name_the_field(data, field, words):
@@ -109,6 +114,11 @@ def test_bad_configs_name_the_field(data, field, words):
 def test_direct_construction_is_validated():
     with pytest.raises(ConfigError, match=r"layers\[0\].n_kv_heads"):
         ArchConfig(d_model=32, vocab_size=8, layers=(AttentionSpec(n_heads=4, n_kv_heads=3),))
+    for eps in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="norm_eps: must be a finite number"):
+            ArchConfig(d_model=32, vocab_size=8, layers=(MLPSpec(),), norm_eps=eps)
+    with pytest.raises(ConfigError, match=r"layers\[0\].multiplier: must be a finite number"):
+        ArchConfig(d_model=32, vocab_size=8, layers=(MLPSpec(multiplier=float("nan")),))
     with pytest.raises(ConfigError, match="pattern"):
         ArchConfig.from_pattern("M*x", d_model=32, vocab_size=8)
 

@@ -7,6 +7,7 @@ and is raised before anything is created in a database.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ COST_METRICS = ("params", "flops_per_token", "state_bytes", "tokens_per_second")
 TASK_METRICS = ("accuracy", "loss", "bits_per_byte")
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "hyperband", "successive_halving", "median")
+# numpy's and Optuna's samplers take 32-bit seeds; a worker's seed is (seed + rank) mod 2**32.
+MAX_SEED = 2**32 - 1
+# A larger study is a typo, not a plan: at minutes per trial it would never finish.
+MAX_TRIALS = 100_000
 
 
 @dataclass(frozen=True)
@@ -171,16 +176,22 @@ class _Reader:
                 raise self.error(where, f"unknown field; expected one of {sorted(allowed)}")
         return value
 
-    def integer(self, value: Any, path: str, *, minimum: int | None = None) -> int:
+    def integer(self, value: Any, path: str, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(path, f"must be an integer, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(path, f"must be at most {maximum}, got {value}")
         return value
 
     def number(self, value: Any, path: str, *, minimum: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(path, f"must be a number, got {value!r}")
+        # NaN passes every comparison below and inf switches budgets off: both are typos.
+        if not math.isfinite(value):
+            raise self.error(path, f"must be a finite number, got {value!r}")
         if minimum is not None and value < minimum:
             raise self.error(path, f"must be >= {minimum}, got {value}")
         return float(value)
@@ -285,7 +296,7 @@ def parse_space(
     name = top.get("name", default_name)
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise r.error("name", f"must be letters, digits, '-' or '_', got {name!r}")
-    seed = r.integer(top.get("seed", 0), "seed", minimum=0)
+    seed = r.integer(top.get("seed", 0), "seed", minimum=0, maximum=MAX_SEED)
 
     task_data = r.mapping(top.get("task"), "task", ("name", "options"))
     if "name" not in task_data:
@@ -334,7 +345,7 @@ def parse_space(
         name=name, seed=seed, task=task, task_options=dict(task_options), train=train,
         model=model, budgets=budgets, objectives=objectives, sampler=sampler,
         sampler_options=dict(sampler_options), pruner=pruner,
-        trials=r.integer(top.get("trials", 8), "trials", minimum=1),
+        trials=r.integer(top.get("trials", 8), "trials", minimum=1, maximum=MAX_TRIALS),
         workers=r.integer(top.get("workers", 1), "workers", minimum=1),
         resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
     )
@@ -350,7 +361,7 @@ def parse_space(
 
 def make_sampler(space: SearchSpace, rank: int) -> optuna.samplers.BaseSampler:
     """Seeded per worker (seed + rank), so one worker repeats a run exactly."""
-    seed = space.seed + rank
+    seed = (space.seed + rank) % (MAX_SEED + 1)
     options = dict(space.sampler_options)
     if space.sampler == "tpe":
         # The constant liar keeps parallel workers from proposing the same point.

@@ -73,6 +73,25 @@ BAD_SPACES = [
             "mlp_after_mixer: never\n    attention_every: 2\n    first_layer: [mamba1]"),
      "model.rules.first_layer", "attention_every"),
     (TINY_SPACE + "lm_eval: {tasks: [hybridlab_bpb], top_k: 0}\n", "lm_eval.top_k", ">= 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "words"), BAD_SPACES,
+                         ids=[case[1] for case in BAD_SPACES])
+def test_malformed_space_is_rejected_before_anything_is_created(tmp_path, text, field, words):
+    path = write_space(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        run_search(path, runs_dir=tmp_path / "runs")
+    err = info.value
+    assert err.field == field
+    assert err.source == str(path)
+    assert str(err).startswith(f"{path}:")
+    assert words in err.message
+    assert not (tmp_path / "runs").exists()
+
+
+# Values that used to load: checked with load_space alone, so a regression cannot start a search.
+OUT_OF_RANGE_SPACES = [
     (mutate("max_params: 100000", "max_params: 100000\n  max_flops_per_token: .nan"),
      "budgets.max_flops_per_token", "finite number, got nan"),
     (mutate("max_params: 100000", "max_params: 100000\n  max_flops_per_token: .inf"),
@@ -98,18 +117,16 @@ BAD_SPACES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "field", "words"), BAD_SPACES,
-                         ids=[case[1] for case in BAD_SPACES])
-def test_malformed_space_is_rejected_before_anything_is_created(tmp_path, text, field, words):
+@pytest.mark.parametrize(("text", "field", "words"), OUT_OF_RANGE_SPACES,
+                         ids=[case[1] for case in OUT_OF_RANGE_SPACES])
+def test_non_finite_and_out_of_range_values_are_refused(tmp_path, text, field, words):
     path = write_space(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        run_search(path, runs_dir=tmp_path / "runs")
+        load_space(path)
     err = info.value
-    assert err.field == field
-    assert err.source == str(path)
-    assert str(err).startswith(f"{path}:")
+    assert (err.field, err.source) == (field, str(path))
     assert words in err.message
-    assert not (tmp_path / "runs").exists()
+    assert field.rsplit(".", 1)[-1] + ":" in path.read_text().splitlines()[err.line - 1]
 
 
 def test_lm_eval_stage_is_read():
