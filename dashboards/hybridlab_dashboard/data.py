@@ -37,6 +37,7 @@ from hybridlab.store import (
     is_sqlite,
     readonly_engine_kwargs,
     readonly_url,
+    resolve_study,
     sqlite_path,
 )
 
@@ -65,7 +66,11 @@ class DatabaseState:
 
 
 def resolve_storage(study: str | None, storage: str | None, runs_dir: str | Path) -> str:
-    """The database URL the dashboard reads: ``--storage``, else ``runs/<study>.db``."""
+    """The database URL the dashboard reads: ``--storage``, else ``runs/<study>.db``, else the
+    only study database under ``runs_dir`` (the rule of ``hybridlab status``).
+
+    ``runs/<study>.db`` may not exist yet: the page waits for the search to create it.
+    """
     if storage is not None:
         try:
             url = sa.engine.make_url(storage)
@@ -75,7 +80,7 @@ def resolve_storage(study: str | None, storage: str | None, runs_dir: str | Path
             raise StorageError(f"{storage!r} names no database file; the dashboard reads a file")
         return storage
     if study is None:
-        raise StorageError("give --study or --storage")
+        return resolve_study(None, None, runs_dir)[1]
     return default_sqlite_url(study, Path(runs_dir).resolve())
 
 

@@ -55,7 +55,8 @@ def port_number(text: str) -> int:
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", help="study shown first (default: the first in the database)")
-    parser.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
+    parser.add_argument("--storage", help="database URL (default: <runs-dir>/<study>.db; without "
+                        "--study either, the only study database in --runs-dir)")
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
                         help="where the default database <runs-dir>/<study>.db lives")
     parser.add_argument("--host", default=DEFAULT_HOST,

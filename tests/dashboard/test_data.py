@@ -74,7 +74,7 @@ def test_layers_of_an_unreadable_genome_fall_back_to_the_pattern(synthetic):
 def test_resolve_storage(tmp_path: Path):
     assert resolve_storage("s", None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 's.db'}"
     assert resolve_storage(None, "sqlite:///x.db", tmp_path) == "sqlite:///x.db"
-    with pytest.raises(StorageError, match="--study or --storage"):
+    with pytest.raises(StorageError, match=r"0 study databases .*--study NAME or --storage URL"):
         resolve_storage(None, None, tmp_path)
     with pytest.raises(StorageError, match="no database file"):
         resolve_storage(None, "sqlite://", tmp_path)

@@ -57,9 +57,9 @@ def test_ipv6_loopback(tmp_path: Path):
         server.server_close()
 
 
-def test_it_needs_a_study_or_a_storage():
-    with pytest.raises(StorageError, match="--study or --storage"):
-        dashboard_command(parse())
+def test_without_a_database_it_asks_for_a_study_or_a_storage(tmp_path: Path):
+    with pytest.raises(StorageError, match=r"0 study databases .*--study NAME or --storage URL"):
+        dashboard_command(parse("--runs-dir", str(tmp_path)))
 
 
 def test_a_busy_port_is_an_error_not_a_traceback(tmp_path: Path, capsys):
