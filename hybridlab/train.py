@@ -236,7 +236,11 @@ def train(
     data_rng = torch.Generator().manual_seed(cfg.seed)
     step, tokens, seconds_before, resumed_from = 0, 0, 0.0, 0
     curve: list[dict[str, Any]] = []
-    if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
+    metrics: dict[str, float] = {}
+    evaluated_at = -1
+    running_loss, running_count = 0.0, 0
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if found is not None:
         state = load_checkpoint(found, model)
         optimizer.load_state_dict(state["optimizer"])
         data_rng.set_state(state["data_rng"])
@@ -244,6 +248,15 @@ def train(
         resumed_from = step
         seconds_before = float(state["seconds"])
         curve = list(state["curve"])
+        # The train-loss window open at the checkpoint, so the next logged mean is the one an
+        # uninterrupted run logs (checkpoints written before this was saved restart the window).
+        running_loss = float(state.get("running_loss", 0.0))
+        running_count = int(state.get("running_count", 0))
+        # A checkpoint written after an evaluation already holds that evaluation: reuse it rather
+        # than appending the same step again (a retry of a run that had finished training).
+        metrics = {c["metric"]: c["value"] for c in curve
+                   if c["step"] == step and c["split"] == "test"}
+        evaluated_at = step if metrics else -1
 
     start = time.perf_counter()
 
@@ -256,6 +269,7 @@ def train(
         state = {
             "optimizer": optimizer.state_dict(), "data_rng": data_rng.get_state(),
             "step": step, "tokens": tokens, "seconds": elapsed(), "curve": curve,
+            "running_loss": running_loss, "running_count": running_count,
         }
         return save_checkpoint(checkpoint_dir, step, model=model, train_state=state,
                                keep=cfg.keep_checkpoints)
@@ -267,9 +281,6 @@ def train(
 
     status: Status = "completed"
     reason = f"reached {cfg.steps} steps"
-    metrics: dict[str, float] = {}
-    evaluated_at = -1
-    running_loss, running_count = 0.0, 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=task.name, leave=False)
     try:
         while step < cfg.steps:
@@ -316,8 +327,11 @@ def train(
                 checkpoint()
     finally:
         bar.close()
-    if evaluated_at != step:
+    unevaluated = evaluated_at != step
+    if unevaluated:
         metrics = evaluate(model, task, batch_size=cfg.eval_batch_size, precision=cfg.precision)
         curve += [{"step": step, "split": "test", "metric": k, "value": v}
                   for k, v in metrics.items()]
-    return result(status, reason, metrics, checkpoint())
+    # Nothing trained or evaluated since the checkpoint we resumed from: it is the final state.
+    unchanged = found is not None and step == resumed_from and not unevaluated
+    return result(status, reason, metrics, found if unchanged else checkpoint())

@@ -266,3 +266,72 @@ def test_settings_key_ignores_how_a_run_executes_but_not_what_it_learns():
                 settings_key(cfg, make_task("mqar", seed=1, vocab_size=128)),
                 settings_key(cfg, ShiftTask())}
     assert key not in changed and len(changed) == 11
+
+
+def curve_keys(curve: list[dict]) -> list[tuple]:
+    return [(c["step"], c["split"], c["metric"]) for c in curve]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize(("steps", "eval_every"), [(14, 5), (15, 5), (12, 4)])
+def test_rerun_after_the_final_checkpoint_returns_the_same_curve(tmp_path, steps, eval_every):
+    cfg = TrainConfig(steps=steps, checkpoint_every=4, seed=2,
+                      **{**FAST, "eval_every": eval_every})
+    first_model = small_model()
+    first = train(first_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    keys = curve_keys(first.curve)
+    assert len(set(keys)) == len(keys)
+    assert (steps, "test", "accuracy") in keys
+    again_model = small_model(seed=99)
+    again = train(again_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    assert again.resumed_from == steps and again.steps == steps
+    assert again.curve == first.curve
+    assert again.metrics == first.metrics
+    assert_same_weights(first_model, again_model)
+    assert again.checkpoint == first.checkpoint and again.checkpoint.is_dir()
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("checkpoint_every", "crash_at"), [(3, 10), (4, 15), (5, 15)])
+def test_curve_after_a_crash_and_resume_equals_the_uninterrupted_curve(
+        tmp_path, checkpoint_every, crash_at):
+    cfg = TrainConfig(steps=17, checkpoint_every=checkpoint_every, seed=4, **FAST)
+    straight_model = small_model()
+    straight = train(straight_model, ShiftTask(), cfg, checkpoint_dir=tmp_path / "a")
+
+    def crash(step: int, metrics: dict[str, float]) -> bool:
+        if step == crash_at:
+            raise Crash
+        return False
+
+    with pytest.raises(Crash):
+        train(small_model(), ShiftTask(), cfg, checkpoint_dir=tmp_path / "b", callback=crash)
+    resumed_model = small_model(seed=99)
+    resumed = train(resumed_model, ShiftTask(), cfg, checkpoint_dir=tmp_path / "b")
+    assert 0 < resumed.resumed_from < crash_at
+    keys = curve_keys(resumed.curve)
+    assert len(set(keys)) == len(keys)
+    assert resumed.curve == straight.curve
+    assert resumed.metrics == straight.metrics
+    assert_same_weights(straight_model, resumed_model)
+
+
+def test_growing_the_step_budget_extends_the_curve_without_repeating_points(tmp_path):
+    short = train(small_model(), ShiftTask(), TrainConfig(steps=8, seed=1, **FAST),
+                  checkpoint_dir=tmp_path)
+    longer = train(small_model(seed=99), ShiftTask(), TrainConfig(steps=14, seed=1, **FAST),
+                   checkpoint_dir=tmp_path)
+    assert longer.resumed_from == 8
+    keys = curve_keys(longer.curve)
+    assert len(set(keys)) == len(keys)
+    assert longer.curve[: len(short.curve)] == short.curve
+    assert {k for k in keys if k[0] > 8} == {
+        *((s, "train", "loss") for s in (10, 12, 14)),
+        *((s, "test", m) for s in (10, 14) for m in ("loss", "accuracy"))}
