@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -579,15 +579,12 @@ def _check_feasible(r: _Reader, space: SearchSpace) -> None:
     if count_low > depth_high:
         raise r.error("model.rules.attention_count.min",
                       f"asks for {count_low} attention layers but depth is at most {depth_high}")
-    feasible = any(
-        _attention_ok(depth, n, rules)
-        for depth in range(depth_low, depth_high + 1)
-        for n in range(depth + 1)
-        if n == 0 or "attention" in m.layer_types
-    )
-    if not feasible:
+    if not any(attention_rule_violation(rules, depth=depth, n_attention=n_attention,
+                                        n_mixers=n_mixers) is None
+               for depth, n_attention, n_mixers in _attention_counts(m)):
         raise r.error("model.rules", "no depth in the range has an attention count that meets "
-                      "attention_count, attention_fraction and attention_every together")
+                      "attention_count, attention_fraction (attention layers / mixer layers) "
+                      "and attention_every together")
     if space.budgets.max_params is not None:
         smallest = _smallest_params(m, space)
         if smallest > space.budgets.max_params:
@@ -595,16 +592,40 @@ def _check_feasible(r: _Reader, space: SearchSpace) -> None:
                           f"smallest architecture in the space ({smallest} parameters)")
 
 
-def _attention_ok(depth: int, n_attention: int, rules: PatternRules) -> bool:
+def _attention_counts(m: ModelSpace) -> Iterator[tuple[int, int, int]]:
+    """Every (depth, attention layers, mixer layers) the layer types can produce."""
+    has_attention = "attention" in m.layer_types
+    other_mixer = any(t != "attention" for t in m.layer_types if t in MIXER_TYPES)
+    # Only mlp_after_mixer: search puts MLPs among the drawn layers (and then mlp is a type).
+    searched_mlp = "mlp" in m.layer_types
+    for depth in range(m.depth.low, m.depth.high + 1, m.depth.step):
+        for n_mixers in range(1, depth + 1) if searched_mlp else (depth,):
+            for n_attention in range(n_mixers + 1) if has_attention else (0,):
+                if other_mixer or n_attention == n_mixers:
+                    yield depth, n_attention, n_mixers
+
+
+def attention_rule_violation(rules: PatternRules, *, depth: int, n_attention: int,
+                             n_mixers: int) -> str | None:
+    """Why a stack breaks the attention rules, or None: the one definition of those rules.
+
+    ``depth`` counts the drawn layers (the mixers, plus MLPs when ``mlp_after_mixer: search``;
+    never the MLPs that ``always`` adds after each mixer). The attention fraction is attention
+    layers over mixer layers, so MLPs never dilute it.
+    """
+    if n_mixers == 0:
+        return "no mixer layer (MLPs only)"
     low, high = rules.attention_count
     if n_attention < low or (high is not None and n_attention > high):
-        return False
-    frac = n_attention / depth
-    if not rules.attention_fraction[0] - 1e-9 <= frac <= rules.attention_fraction[1] + 1e-9:
-        return False
-    if rules.attention_every is not None:
-        return n_attention == depth // rules.attention_every
-    return True
+        return f"{n_attention} attention layers, the rules allow {low}..{high}"
+    fraction = n_attention / n_mixers
+    if not rules.attention_fraction[0] - 1e-9 <= fraction <= rules.attention_fraction[1] + 1e-9:
+        return (f"attention fraction {fraction:.2f} ({n_attention} of {n_mixers} mixers) outside "
+                f"{rules.attention_fraction}")
+    if rules.attention_every is not None and n_attention != depth // rules.attention_every:
+        return (f"{n_attention} attention layers in {depth}, attention_every "
+                f"{rules.attention_every} places {depth // rules.attention_every}")
+    return None
 
 
 def _low(p: Param) -> Any:
@@ -698,17 +719,11 @@ def sample_architecture(trial: optuna.Trial, space: SearchSpace, vocab_size: int
     d_model = suggest(trial, "d_model", m.d_model)
     depth = suggest(trial, "depth", m.depth)
     types = _layer_types(trial, m, depth)
-    n_attention = types.count("attention")
-    n_mixers = sum(t != "mlp" for t in types)
     rules = m.rules
-    low, high = rules.attention_count
-    if n_attention < low or (high is not None and n_attention > high):
-        raise Rejected(f"{n_attention} attention layers, the rules allow {low}..{high}")
-    fraction = n_attention / max(1, n_mixers)
-    if not rules.attention_fraction[0] - 1e-9 <= fraction <= rules.attention_fraction[1] + 1e-9:
-        raise Rejected(f"attention fraction {fraction:.2f} outside {rules.attention_fraction}")
-    if n_mixers == 0:
-        raise Rejected("no mixer layer (MLPs only)")
+    reason = attention_rule_violation(rules, depth=depth, n_attention=types.count("attention"),
+                                      n_mixers=sum(t != "mlp" for t in types))
+    if reason is not None:
+        raise Rejected(reason)
     layers: list[LayerSpec] = []
     for i, kind in enumerate(types):
         layers.append(_spec(trial, m, kind, i, d_model))

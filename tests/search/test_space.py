@@ -225,3 +225,37 @@ def test_worker_gives_up_when_every_trial_fails(tmp_path, monkeypatch):
     assert runner.worker_loop(TINY_SPACE, None, opts, 0) == runner.max_failures(2)
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == 3
+
+
+def searched_mlp_space(rules: str, layer_types: str = "[mamba1, attention, mlp]") -> str:
+    text = mutate("depth: {low: 1, high: 2}", "depth: 4").replace(
+        "[mamba1, mamba2, attention]", layer_types).replace("mlp_after_mixer: never", rules)
+    return "\n".join(line for line in text.splitlines() if "mamba2" not in line)
+
+
+def test_attention_fraction_counts_mixers_not_mlps():
+    # 1 attention + 1 mamba + 2 MLPs: half the mixers are attention, a quarter of the layers.
+    text = searched_mlp_space("mlp_after_mixer: search\n    attention_count: {max: 1}\n"
+                              "    attention_fraction: {min: 0.5}")
+    archs, rejected = sample_many(text, n=200, seed=1)
+    assert len(archs) >= 10 and rejected
+    for arch in archs:
+        mixers = arch.pattern.replace("-", "")
+        assert arch.n_layers == 4 and mixers.count("*") == 1, arch.pattern
+        assert mixers.count("*") / len(mixers) >= 0.5, arch.pattern
+    assert any("-" in arch.pattern for arch in archs)
+
+
+@pytest.mark.parametrize("rules", [
+    # No MLP layers: 1 attention in 4 mixers is a quarter.
+    "mlp_after_mixer: never\n    attention_count: {max: 1}\n    attention_fraction: {min: 0.5}",
+    # MLPs after every mixer do not count: still 1 in 4 mixers.
+    "mlp_after_mixer: always\n    attention_count: {max: 1}\n    attention_fraction: {min: 0.5}",
+    # Searched MLPs: 2 attention layers in 4 slots are at least 2 of at most 4 mixers.
+    "mlp_after_mixer: search\n    attention_every: 2\n    attention_fraction: {max: 0.4}",
+])
+def test_infeasible_attention_rules_are_still_refused(rules):
+    layer_types = "[mamba1, attention, mlp]" if "search" in rules else "[mamba1, attention]"
+    with pytest.raises(ConfigError, match="attention_fraction") as info:
+        parse_space(searched_mlp_space(rules, layer_types))
+    assert info.value.field == "model.rules"
