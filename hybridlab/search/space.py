@@ -574,11 +574,10 @@ def _check_enumerable(r: _Reader, model: ModelSpace) -> None:
 def _check_feasible(r: _Reader, space: SearchSpace) -> None:
     """Refuse rules and budgets that no architecture in the space can satisfy."""
     m, rules = space.model, space.model.rules
-    depth_low, depth_high = m.depth.low, m.depth.high
     count_low = rules.attention_count[0]
-    if count_low > depth_high:
-        raise r.error("model.rules.attention_count.min",
-                      f"asks for {count_low} attention layers but depth is at most {depth_high}")
+    if count_low > m.depth.high:
+        raise r.error("model.rules.attention_count.min", f"asks for {count_low} attention layers "
+                      f"but depth is at most {m.depth.high}")
     if not any(attention_rule_violation(rules, depth=depth, n_attention=n_attention,
                                         n_mixers=n_mixers) is None
                for depth, n_attention, n_mixers in _attention_counts(m)):
