@@ -15,7 +15,7 @@ DEFAULT_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
-class Objective:
+class OptimizedValue:
     """One optimised objective of the study and this trial's value."""
 
     metric: str
@@ -42,7 +42,7 @@ class Provenance:
     weights_trial: int | None = None
     storage: str | None = None
     status: str | None = None
-    optimized: tuple[Objective, ...] = ()
+    optimized: tuple[OptimizedValue, ...] = ()
     objectives: dict[str, Any] = field(default_factory=dict)
     evaluations: tuple[EvalRow, ...] = ()
     task: str | None = None

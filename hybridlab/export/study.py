@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from hybridlab.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint
 from hybridlab.config import ArchConfig, ConfigError
-from hybridlab.export.card import EvalRow, Objective, Provenance
+from hybridlab.export.card import EvalRow, OptimizedValue, Provenance
 from hybridlab.export.common import ExportError, atomic_folder, write_json
 from hybridlab.export.writer import ExportResult, write_export
 from hybridlab.model import HybridLM
@@ -114,7 +114,7 @@ def _resolve(
 
     names = study.user_attrs.get("objectives", [])
     optimized = tuple(
-        Objective(metric=n, direction=d.name.lower(), value=v)
+        OptimizedValue(metric=n, direction=d.name.lower(), value=v)
         for n, d, v in zip(names, study.directions, trial.values or [], strict=False)
     )
     with session_scope(engine) as session:
