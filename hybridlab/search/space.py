@@ -226,7 +226,8 @@ class _Reader:
             if not isinstance(log, bool):
                 raise self.error(f"{path}.log", f"must be true or false, got {log!r}")
             if kind is int:
-                low = self.integer(value["low"], f"{path}.low")
+                # Every integer setting (widths, heads, states, depth) is positive.
+                low = self.integer(value["low"], f"{path}.low", minimum=1)
                 high = self.integer(value["high"], f"{path}.high")
                 step = self.integer(value.get("step", 1), f"{path}.step", minimum=1)
                 result: Param = IntRange(low, high, step, log)
@@ -422,8 +423,6 @@ def _parse_model(r: _Reader, data: Any) -> ModelSpace:
     depth = r.param(depth_value, "model.depth", int)
     if not isinstance(depth, IntRange):
         raise r.error("model.depth", "must be an integer or {low, high}")
-    if depth.low < 1:
-        raise r.error("model.depth.low", f"must be >= 1, got {depth.low}")
     layer_types = r.type_list(m["layer_types"], "model.layer_types", LAYER_TYPES)
     if not set(layer_types) & set(MIXER_TYPES):
         raise r.error("model.layer_types", "needs at least one mixer type besides mlp")
@@ -444,9 +443,57 @@ def _parse_model(r: _Reader, data: Any) -> ModelSpace:
     for key, value in (("tie_embeddings", tie), ("share_layer_params", share)):
         if not isinstance(value, bool):
             raise r.error(f"model.{key}", f"must be true or false, got {value!r}")
-    return ModelSpace(d_model=d_model, depth=depth, layer_types=layer_types,
-                      layer_params=layer_params, rules=rules, tie_embeddings=tie,
-                      share_layer_params=share)
+    model = ModelSpace(d_model=d_model, depth=depth, layer_types=layer_types,
+                       layer_params=layer_params, rules=rules, tie_embeddings=tie,
+                       share_layer_params=share)
+    _check_choices(r, model)
+    return model
+
+
+# Ranges longer than this are not enumerated for the load-time choice check; the sampler still
+# rejects their invalid draws.
+_MAX_ENUMERATED = 10_000
+
+
+def _values(p: Param) -> list[Any] | None:
+    """Every value a parameter can take, or None for a float or very long range."""
+    if isinstance(p, Choice):
+        return list(p.values)
+    if isinstance(p, IntRange) and (p.high - p.low) // p.step < _MAX_ENUMERATED:
+        return list(range(p.low, p.high + 1, p.step))
+    return None
+
+
+def _check_choices(r: _Reader, m: ModelSpace) -> None:
+    """Refuse choice values that no draw of the fields they depend on makes valid.
+
+    Such a value could only ever be rejected; combinations valid for some draws only are left to
+    the sampler, which rejects the bad ones (it never changes a drawn value).
+    """
+    if "attention" in m.layer_types:
+        att = m.layer_params["attention"]
+        heads = _values(att.get("n_heads", Choice((AttentionSpec.n_heads,))))
+        kvs = _values(att.get("n_kv_heads", Choice((None,))))
+        if heads is not None and kvs is not None:
+            for kv in kvs:
+                if kv is not None and not any(h % kv == 0 for h in heads):
+                    raise r.error("model.attention.n_kv_heads",
+                                  f"{kv} does not divide any n_heads choice {heads}")
+            for h in heads:
+                if not any(kv is None or h % kv == 0 for kv in kvs):
+                    raise r.error("model.attention.n_heads",
+                                  f"{h} is not divisible by any n_kv_heads choice {kvs}")
+    if "mamba2" in m.layer_types:
+        mamba2 = m.layer_params["mamba2"]
+        widths = _values(m.d_model)
+        expands = _values(mamba2.get("expand", Choice((Mamba2Spec.expand,))))
+        headdims = _values(mamba2.get("headdim", Choice((Mamba2Spec.headdim,))))
+        if widths is not None and expands is not None and headdims is not None:
+            inner = sorted({e * d for e in expands for d in widths})
+            for headdim in headdims:
+                if not any(width % headdim == 0 for width in inner):
+                    raise r.error("model.mamba2.headdim",
+                                  f"{headdim} divides no expand * d_model {inner}")
 
 
 def _range_pair(r: _Reader, value: Any, path: str, number: bool) -> tuple[Any, Any]:
@@ -697,9 +744,9 @@ def _spec(trial: optuna.Trial, m: ModelSpace, kind: str, index: int, d_model: in
     if kind == "attention":
         n_heads = values.get("n_heads", AttentionSpec.n_heads)
         kv = values.get("n_kv_heads")
+        # Rejected, never repaired: Optuna must record the values the model trains with.
         if kv is not None and n_heads % kv:
-            # Repair instead of reject: the largest divisor of n_heads not above the sample.
-            values["n_kv_heads"] = max(k for k in range(1, kv + 1) if n_heads % k == 0)
+            raise Rejected(f"layer {index}: n_kv_heads {kv} does not divide n_heads {n_heads}")
     if kind == "mamba2":
         headdim = values.get("headdim", Mamba2Spec.headdim)
         expand = values.get("expand", Mamba2Spec.expand)

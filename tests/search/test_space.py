@@ -3,7 +3,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hybridlab.config import ConfigError
+from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.search.runner import run_search
 from hybridlab.search.space import (
     Rejected,
@@ -114,6 +114,8 @@ OUT_OF_RANGE_SPACES = [
      "finite number"),
     (mutate("seed: 0", "seed: 1180591620717411303424"), "seed", "4294967295"),
     (mutate("trials: 4", "trials: 1000000000"), "trials", "at most 100000"),
+    (mutate("headdim: 16", "headdim: {low: 0, high: 16}"), "model.mamba2.headdim.low", ">= 1"),
+    (mutate("depth: {low: 1, high: 2}", "depth: 0"), "model.depth.low", ">= 1"),
 ]
 
 
@@ -126,7 +128,8 @@ def test_non_finite_and_out_of_range_values_are_refused(tmp_path, text, field, w
     err = info.value
     assert (err.field, err.source) == (field, str(path))
     assert words in err.message
-    assert field.rsplit(".", 1)[-1] + ":" in path.read_text().splitlines()[err.line - 1]
+    line = path.read_text().splitlines()[err.line - 1]
+    assert any(f"{part}:" in line for part in field.split(".")), line
 
 
 def test_lm_eval_stage_is_read():
@@ -149,18 +152,26 @@ def test_shipped_spaces_load(name):
     assert space.name == name
 
 
-def sample_many(text: str, n: int = 40, seed: int = 0):
+def draw(text: str, n: int, seed: int) -> list[tuple[dict, ArchConfig | str]]:
+    """(trial params, architecture or rejection reason) for ``n`` random-sampler trials."""
     space = parse_space(text)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    archs, rejected = [], []
+    draws: list[tuple[dict, ArchConfig | str]] = []
     for _ in range(n):
         trial = study.ask()
         try:
-            archs.append(sample_architecture(trial, space, vocab_size=64))
+            outcome: ArchConfig | str = sample_architecture(trial, space, vocab_size=64)
         except Rejected as err:
-            rejected.append(str(err))
+            outcome = str(err)
+        draws.append((trial.params, outcome))
         study.tell(trial, 0.0)
-    return archs, rejected
+    return draws
+
+
+def sample_many(text: str, n: int = 40, seed: int = 0):
+    draws = draw(text, n, seed)
+    return ([a for _, a in draws if isinstance(a, ArchConfig)],
+            [a for _, a in draws if isinstance(a, str)])
 
 
 def test_sampling_obeys_first_last_and_template_rules():
@@ -185,13 +196,41 @@ def test_attention_count_rule_rejects_and_says_why():
     assert all("attention layers, the rules allow 1..1" in r for r in rejected)
 
 
-def test_kv_heads_are_repaired_to_a_divisor():
-    text = mutate("attention: {n_heads: 2}", "attention: {n_heads: [6], n_kv_heads: [4]}").replace(
-        "d_model: 32", "d_model: 48")
-    text = text.replace("[mamba1, mamba2, attention]", "[attention]")
-    text = "\n".join(line for line in text.splitlines() if "mamba" not in line)
-    archs, _ = sample_many(text, n=5)
-    assert {a.layers[0].n_kv_heads for a in archs} == {3}
+def attention_only(attention: str, d_model: str = "d_model: 48") -> str:
+    text = mutate("attention: {n_heads: 2}", f"attention: {attention}").replace(
+        "d_model: 32", d_model).replace("[mamba1, mamba2, attention]", "[attention]")
+    return "\n".join(line for line in text.splitlines() if "mamba" not in line)
+
+
+@pytest.mark.parametrize(("text", "field", "words"), [
+    (attention_only("{n_heads: [4], n_kv_heads: [2, 3]}"), "model.attention.n_kv_heads",
+     "3 does not divide any n_heads choice [4]"),
+    (attention_only("{n_heads: [4, 5], n_kv_heads: 2}"), "model.attention.n_heads",
+     "5 is not divisible by any n_kv_heads choice [2]"),
+    (attention_only("{n_heads: {low: 5, high: 7, step: 2}, n_kv_heads: [1, 2]}"),
+     "model.attention.n_kv_heads", "2 does not divide any n_heads choice [5, 7]"),
+    (mutate("mamba2: {d_state: 8, headdim: 16", "mamba2: {d_state: 8, headdim: [16, 48]"),
+     "model.mamba2.headdim", "48 divides no expand * d_model [64]"),
+])
+def test_choices_that_are_never_valid_are_refused_at_load(text, field, words):
+    with pytest.raises(ConfigError) as info:
+        parse_space(text)
+    assert info.value.field == field
+    assert words in info.value.message
+
+
+def test_sampled_heads_are_the_recorded_heads():
+    # n_kv_heads 3 fits n_heads 6 but not 4: that pair is rejected, never repaired to 2.
+    draws = draw(attention_only("{n_heads: [4, 6], n_kv_heads: [2, 3]}"), n=60, seed=3)
+    archs = [(params, a) for params, a in draws if isinstance(a, ArchConfig)]
+    reasons = [a for _, a in draws if isinstance(a, str)]
+    assert len(archs) >= 20 and reasons
+    assert all("n_kv_heads 3 does not divide n_heads 4" in reason for reason in reasons)
+    for params, arch in archs:
+        for i, layer in enumerate(arch.layers):
+            assert layer.n_heads == params[f"layer{i}.attention.n_heads"]
+            assert layer.n_kv_heads == params[f"layer{i}.attention.n_kv_heads"]
+    assert {a.layers[0].n_kv_heads for _, a in archs} == {2, 3}
 
 
 def test_same_seed_same_proposals():
