@@ -20,7 +20,7 @@ command cannot see the registration; ``python -m hybridlab.evaluation.lm_eval_cl
 module and then runs lm-eval's CLI unchanged, taking the same arguments::
 
     python -m hybridlab.evaluation.lm_eval_cli --model hybridlab \\
-        --model_args checkpoint=runs/train/<run>,max_length=256 --device cpu --batch_size 16 \\
+        --model_args checkpoint=runs/train/<run>,max_length=256 --batch_size 16 \\
         --include_path hybridlab/evaluation/tasks --tasks hybridlab_local,lambada_openai
 
     python -m hybridlab.evaluation.lm_eval_cli --model hybridlab --device cuda \\
@@ -31,8 +31,10 @@ Model arguments: ``checkpoint`` (a step folder or a run folder; ``arch`` names t
 file when there is no arch.yaml beside it), or ``study`` + ``trial`` (+ ``storage``, default
 ``sqlite:///runs/<study>.db``); ``tokenizer`` ("byte" or a BPE JSON path), ``max_length``
 (context window; default the trial's training ``seq_len``, else 2048), ``max_gen_toks``,
-``seed`` (sampling only). lm-eval's CLI sends ``--device`` (default ``cuda:0``) and
-``--batch_size``; asking for CUDA where there is none is an error, not a fallback.
+``seed`` (sampling only), ``device`` and ``batch_size`` (which win over lm-eval's ``--device``
+and ``--batch_size``). Without any device the model runs where ``hybridlab eval`` runs it: CUDA
+when available, else the CPU (``lm_eval_cli`` sets that in place of lm-eval's ``cuda:0``); asking
+for CUDA where there is none is an error, not a fallback.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
 from tqdm import tqdm
 
 from hybridlab.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
@@ -162,6 +168,20 @@ class HybridLabLM(TemplateLM):
             raise EvalError(f"max_length must be >= 2 and max_gen_toks >= 1, got "
                             f"{self._max_length} and {self._max_gen_toks}")
         self.seed = int(seed)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> HybridLabLM:
+        """lm-eval's constructor hook. It always adds its own ``device`` and ``batch_size``
+        settings, which would collide with the same keys in ``--model_args``: those win."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> HybridLabLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def _check_tokenizer(self, source: ModelSource | None) -> None:
         recorded = source.task_fingerprint.get("tokenizer") if source else None

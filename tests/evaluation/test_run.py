@@ -1,4 +1,5 @@
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from hybridlab.checkpoint import MODEL_FILE
+from hybridlab.evaluation import lm_eval_cli
 from hybridlab.evaluation.hub import HubDatasetUnavailable, check_hub_tasks, scan_lm_eval_tasks
 from hybridlab.evaluation.lm_eval import HybridLabLM
-from hybridlab.evaluation.loading import EvalError, resolve_trial, top_trials
+from hybridlab.evaluation.loading import EvalError, resolve_device, resolve_trial, top_trials
 from hybridlab.evaluation.run import HARNESS, add_eval_arguments, eval_command, run_lm_eval
 from hybridlab.evaluation.tasks import LOCAL_TASKS, TASKS_DIR
 from hybridlab.store import Evaluation, make_engine, session_scope
@@ -171,3 +173,42 @@ def test_lm_eval_command_line_runs_the_registered_model(trained, tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hybridlab_mqar" in result.stdout and "exact_match" in result.stdout
+
+
+@pytest.mark.parametrize("device_arg", [None, "device=cpu"])
+def test_lm_eval_command_line_picks_hybridlabs_device(trained, tmp_path, monkeypatch, device_arg):
+    """Without --device lm-eval would send its own default, cuda:0; a model argument device=
+    must not collide with the --device that lm-eval always passes."""
+    model_args = ",".join(filter(None, [f"checkpoint={trained.run_dir}", "max_length=128",
+                                        device_arg]))
+    monkeypatch.setattr(sys, "argv", [
+        "lm_eval_cli", "--model", "hybridlab", "--model_args", model_args, "--batch_size", "4",
+        "--include_path", str(TASKS_DIR), "--tasks", "hybridlab_mqar", "--limit", "2",
+        "--output_path", str(tmp_path / "out")])
+    monkeypatch.chdir(tmp_path)
+    lm_eval_cli.main()
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(written.read_text())
+    expected = "cpu" if device_arg else str(resolve_device(None))
+    assert results["config"]["device"] == expected
+    assert "exact_match,none" in results["results"]["hybridlab_mqar"]
+
+
+@pytest.mark.parametrize(("cli", "config", "expected"), [
+    ({"model": "hybridlab"}, None, str(resolve_device(None))),
+    ({"model": "hybridlab", "device": "cuda:1"}, None, "cuda:1"),
+    ({"model": "hybridlab", "model_args": {"device": "cpu"}}, None, "cpu"),
+    ({}, "model: hybridlab\nmodel_args: device=cpu\n", "cpu"),
+    # Set in the config file: lm-eval takes it from there.
+    ({"model": "hybridlab"}, "device: cuda:1\n", None),
+    # Another model keeps lm-eval's defaults.
+    ({"model": "hf"}, None, None),
+])
+def test_lm_eval_command_line_device_default(cli, config, expected, tmp_path):
+    path = tmp_path / "config.yaml"
+    if config is not None:
+        path.write_text(config)
+    args = argparse.Namespace(**{"command": "run", "model": None, "model_args": None,
+                                 "device": None, "config": str(path) if config else None, **cli})
+    lm_eval_cli.default_device(args)
+    assert args.device == expected
