@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hybridlab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hybridlab.checkpoint import load_latest_checkpoint, save_checkpoint
 from hybridlab.config import ConfigError
 from hybridlab.data.task import Batch, TaskData
 from hybridlab.model import HybridLM
@@ -124,6 +124,9 @@ class TrainResult:
     curve: list[dict[str, Any]] = field(default_factory=list)  # {step, split, metric, value}
     checkpoint: Path | None = None
     resumed_from: int = 0  # the step of the checkpoint this run continued from (0: fresh)
+    # One line per checkpoint that failed verification and was set aside, with what the run
+    # resumed from instead; the caller records them.
+    recovered: list[str] = field(default_factory=list)
 
 
 def settings_key(cfg: TrainConfig, task: TaskData) -> str:
@@ -220,7 +223,9 @@ def train(
     callback: EvalCallback | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train ``model`` on ``task``; resumes from the newest complete checkpoint in the folder.
+    """Train ``model`` on ``task``; resumes from the newest verified checkpoint in the folder.
+
+    Newer checkpoints that fail verification are set aside and listed in ``recovered``.
 
     Stops at ``cfg.steps`` ("completed"), at a token or time budget ("budget"), when the callback
     returns True ("stopped"), or on a non-finite loss ("diverged", with the step in the reason).
@@ -239,9 +244,9 @@ def train(
     metrics: dict[str, float] = {}
     evaluated_at = -1
     running_loss, running_count = 0.0, 0
-    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    if found is not None:
-        state = load_checkpoint(found, model)
+    found, state, recovered = (load_latest_checkpoint(checkpoint_dir, model)
+                               if checkpoint_dir is not None else (None, None, []))
+    if found is not None and state is not None:
         optimizer.load_state_dict(state["optimizer"])
         data_rng.set_state(state["data_rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
@@ -277,7 +282,7 @@ def train(
     def result(status: Status, reason: str, metrics: dict[str, float], path: Path | None):
         return TrainResult(status=status, reason=reason, steps=step, tokens=tokens,
                            seconds=elapsed(), metrics=metrics, curve=curve, checkpoint=path,
-                           resumed_from=resumed_from)
+                           resumed_from=resumed_from, recovered=recovered)
 
     status: Status = "completed"
     reason = f"reached {cfg.steps} steps"

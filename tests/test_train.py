@@ -1,13 +1,17 @@
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from hybridlab.checkpoint import (
+    MARKER,
+    META_FILE,
     MODEL_FILE,
+    STATE_FILE,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -102,10 +106,104 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 5, model=model, train_state={"step": 5})
     data = (path / MODEL_FILE).read_bytes()
     (path / MODEL_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupted"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors is corrupted") as err:
         load_checkpoint(path, small_model())
-    with pytest.raises(CheckpointError, match="corrupted"):
-        train(small_model(), ShiftTask(), TrainConfig(steps=8, **FAST), checkpoint_dir=tmp_path)
+    assert err.value.path == path
+
+
+def truncate_model(path: Path) -> None:
+    data = (path / MODEL_FILE).read_bytes()
+    (path / MODEL_FILE).write_bytes(data[: len(data) // 2])
+
+
+def flip_a_byte(name: str) -> Callable[[Path], None]:
+    def corrupt(path: Path) -> None:
+        data = bytearray((path / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (path / name).write_bytes(bytes(data))
+    return corrupt
+
+
+def drop_marker(path: Path) -> None:
+    (path / MARKER).unlink()
+
+
+def edit_meta(path: Path) -> None:
+    (path / META_FILE).write_text((path / META_FILE).read_text().replace('"step"', '"step" '))
+
+
+CORRUPTIONS = {
+    "truncated model": (truncate_model, "model.safetensors is corrupted"),
+    "flipped weight byte": (flip_a_byte(MODEL_FILE), "model.safetensors is corrupted"),
+    "flipped state byte": (flip_a_byte(STATE_FILE), "train_state.pt is corrupted"),
+    "missing marker": (drop_marker, "never finished"),
+    "edited meta": (edit_meta, "does not match the marker"),
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, kind):
+    corrupt, reason = CORRUPTIONS[kind]
+    cfg = TrainConfig(steps=14, checkpoint_every=4, seed=3, **FAST)
+    straight_model = small_model()
+    straight = train(straight_model, ShiftTask(), cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_model(), ShiftTask(interrupt_after=10), cfg, checkpoint_dir=tmp_path)
+    corrupt(tmp_path / "step_00000008")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "step_00000008").iterdir()}
+
+    resumed_model = small_model(seed=99)
+    resumed = train(resumed_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 4 and resumed.status == "completed"
+    assert_same_weights(straight_model, resumed_model)
+    assert resumed.curve == straight.curve and resumed.metrics == straight.metrics
+    [note] = resumed.recovered
+    assert note.startswith("checkpoint step_00000008 failed verification (")
+    assert reason in note and note.endswith(
+        "set aside as step_00000008.corrupt-1; resumed from step_00000004")
+    aside = tmp_path / "step_00000008.corrupt-1"
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert latest_checkpoint(tmp_path).name == "step_00000014"
+    again = train(small_model(seed=98), ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    assert (again.resumed_from, again.recovered) == (14, [])
+    assert aside.is_dir()
+
+
+def test_every_checkpoint_corrupt_starts_fresh_and_keeps_them_all(tmp_path):
+    cfg = TrainConfig(steps=10, checkpoint_every=3, seed=5, **FAST)
+    straight_model = small_model()
+    straight = train(straight_model, ShiftTask(), cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_model(), ShiftTask(interrupt_after=7), cfg, checkpoint_dir=tmp_path)
+    # An earlier attempt already set one step-6 checkpoint aside; the next name is free.
+    (tmp_path / "step_00000006.corrupt-1").mkdir()
+    truncate_model(tmp_path / "step_00000006")
+    flip_a_byte(STATE_FILE)(tmp_path / "step_00000003")
+
+    # Nothing to resume: the run starts from the caller's initialisation, as the first one did.
+    resumed_model = small_model()
+    resumed = train(resumed_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 0
+    assert_same_weights(straight_model, resumed_model)
+    assert resumed.curve == straight.curve
+    assert [n.split(" failed")[0] for n in resumed.recovered] == [
+        "checkpoint step_00000006", "checkpoint step_00000003"]
+    assert resumed.recovered[0].endswith("set aside as step_00000006.corrupt-2; started fresh")
+    assert all(n.endswith("; started fresh") for n in resumed.recovered)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "step_00000006.corrupt-1", "step_00000006.corrupt-2", "step_00000003.corrupt-1"}
+
+
+def test_corrupt_final_checkpoint_retrains_the_last_steps(tmp_path):
+    cfg = TrainConfig(steps=14, checkpoint_every=4, seed=3, **FAST)
+    first_model = small_model()
+    first = train(first_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    truncate_model(first.checkpoint)
+    again_model = small_model(seed=99)
+    again = train(again_model, ShiftTask(), cfg, checkpoint_dir=tmp_path)
+    assert again.resumed_from == 12 and len(again.recovered) == 1
+    assert again.curve == first.curve
+    assert_same_weights(first_model, again_model)
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):
