@@ -132,6 +132,8 @@ class SearchSpace:
     sampler: str = "tpe"
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
     pruner: str = "hyperband"
+    # First step at which the pruner may judge a trial; see ``default_min_step``.
+    pruner_min_step: int = 1
     trials: int = 8
     workers: int = 1
     resources: Resources = Resources()
@@ -326,7 +328,7 @@ def parse_space(
     sampler = r.one_of(sampler_map.get("name", "tpe"), "sampler.name", SAMPLERS)
     sampler_options = r.mapping(sampler_map.get("options"), "sampler.options",
                                 tuple(sampler_map.get("options") or ()))
-    pruner = r.one_of(top.get("pruner", "hyperband"), "pruner", PRUNERS)
+    pruner, min_step = _parse_pruner(r, top.get("pruner", "hyperband"), train)
     if pruner != "none" and len(objectives) > 1:
         raise r.error("pruner", "Optuna cannot prune multi-objective studies; use 'none'")
     if sampler == "bruteforce":
@@ -345,7 +347,7 @@ def parse_space(
     space = SearchSpace(
         name=name, seed=seed, task=task, task_options=dict(task_options), train=train,
         model=model, budgets=budgets, objectives=objectives, sampler=sampler,
-        sampler_options=dict(sampler_options), pruner=pruner,
+        sampler_options=dict(sampler_options), pruner=pruner, pruner_min_step=min_step,
         trials=r.integer(top.get("trials", 8), "trials", minimum=1, maximum=MAX_TRIALS),
         workers=r.integer(top.get("workers", 1), "workers", minimum=1),
         resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
@@ -374,17 +376,64 @@ def make_sampler(space: SearchSpace, rank: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.BruteForceSampler(seed=seed, **options)
 
 
+def default_min_step(train: TrainConfig) -> int:
+    """``max(eval_every, steps // 4)``: no candidate is judged on its first quarter of training.
+
+    Synthetic recall tasks learn in a phase transition (MQAR's recall appears between steps 150
+    and 300 in the shipped spaces), so a space for them sets ``pruner: {min_step: ...}`` past it.
+    """
+    return max(train.eval_every, train.steps // 4)
+
+
+def _parse_pruner(r: _Reader, data: Any, train: TrainConfig) -> tuple[str, int]:
+    """``pruner: NAME`` or ``pruner: {name: NAME, min_step: STEP}`` -> (name, min_step)."""
+    if isinstance(data, str):
+        data = {"name": data}
+    p = r.mapping(data, "pruner", ("name", "min_step"))
+    name = r.one_of(p.get("name", "hyperband"), "pruner.name", PRUNERS)
+    if "min_step" not in p:
+        return name, default_min_step(train)
+    if name == "none":
+        raise r.error("pruner.min_step", "pruner 'none' never prunes; remove min_step")
+    min_step = r.integer(p["min_step"], "pruner.min_step", minimum=1)
+    if min_step > train.steps:
+        raise r.error("pruner.min_step",
+                      f"must be at most train.steps ({train.steps}), got {min_step}")
+    return name, min_step
+
+
+# Successive halving keeps the best 1/3 at each rung (Optuna's default, and Hyperband's paper).
+PRUNER_REDUCTION = 3
+# The median pruner compares against completed trials; it waits for this many.
+MEDIAN_STARTUP_TRIALS = 2
+
+
 def make_pruner(space: SearchSpace) -> optuna.pruners.BasePruner:
-    every, steps = space.train.eval_every, space.train.steps
+    """The space's pruner; none judges a trial before ``space.pruner_min_step``."""
+    min_step = space.pruner_min_step
     if space.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps,
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=min_step,
+                                              max_resource=space.train.steps,
+                                              reduction_factor=PRUNER_REDUCTION)
     if space.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_step,
+                                                      reduction_factor=PRUNER_REDUCTION)
     if space.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=every)
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS,
+                                           n_warmup_steps=min_step)
     return optuna.pruners.NopPruner()
 
+
+def describe_pruner(space: SearchSpace) -> str:
+    """The pruner and its settings in one token, for prune notes: ``hyperband(min_step=300,
+    reduction=3)``."""
+    if space.pruner == "none":
+        return "none"
+    if space.pruner == "median":
+        setting = f"startup_trials={MEDIAN_STARTUP_TRIALS}"
+    else:
+        setting = f"reduction={PRUNER_REDUCTION}"
+    return f"{space.pruner}(min_step={space.pruner_min_step}, {setting})"
 
 
 def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
