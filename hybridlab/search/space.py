@@ -27,12 +27,11 @@ from hybridlab.config import (
     read_text_file,
 )
 from hybridlab.cost import param_count
+from hybridlab.metrics import DEFAULT_OBJECTIVE, METRICS, metric_names
 from hybridlab.train import TrainConfig
 
 LAYER_TYPES = tuple(LAYER_SPECS)
 MIXER_TYPES = ("mamba1", "mamba2", "attention")
-COST_METRICS = ("params", "flops_per_token", "state_bytes", "tokens_per_second")
-TASK_METRICS = ("accuracy", "loss", "bits_per_byte")
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "hyperband", "successive_halving", "median")
 # numpy's and Optuna's samplers take 32-bit seeds; a worker's seed is (seed + rank) mod 2**32.
@@ -450,10 +449,13 @@ def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
             raise r.error("task.name", str(err)) from None
         raise r.error("task.options", str(err)) from None
     for i, objective in enumerate(objectives):
-        if objective.metric == "bits_per_byte" and any(
-                t.metric != "bits_per_byte" for t in tasks):
-            raise r.error(f"objectives[{i}].metric", f"task {task!r} reports accuracy and loss, "
-                          "not bits_per_byte (a corpus task does)")
+        metric = METRICS[objective.metric]
+        if metric.only_from is not None and any(t.metric != metric.name for t in tasks):
+            everywhere = [m.name for m in METRICS.values()
+                          if m.kind == "task" and m.only_from is None]
+            raise r.error(f"objectives[{i}].metric", f"task {task!r} reports "
+                          f"{' and '.join(everywhere)}, not {metric.name} (only "
+                          f"{metric.only_from} do)")
 
 
 def _parse_model(r: _Reader, data: Any) -> ModelSpace:
@@ -638,7 +640,7 @@ def _parse_budgets(r: _Reader, data: Any) -> Budgets:
 
 def _parse_objectives(r: _Reader, data: Any) -> tuple[Objective, ...]:
     if data is None:
-        return (Objective("accuracy", "maximize"),)
+        return (Objective(DEFAULT_OBJECTIVE, METRICS[DEFAULT_OBJECTIVE].direction),)
     if not isinstance(data, list) or not data:
         raise r.error("objectives", "must be a non-empty list of {metric, direction}")
     result = []
@@ -647,9 +649,8 @@ def _parse_objectives(r: _Reader, data: Any) -> tuple[Objective, ...]:
         o = r.mapping(item, path, ("metric", "direction"))
         if "metric" not in o:
             raise r.error(f"{path}.metric", "missing")
-        metric = r.one_of(o["metric"], f"{path}.metric", TASK_METRICS + COST_METRICS)
-        default = "maximize" if metric in ("accuracy", "tokens_per_second") else "minimize"
-        direction = r.one_of(o.get("direction", default), f"{path}.direction",
+        metric = r.one_of(o["metric"], f"{path}.metric", metric_names())
+        direction = r.one_of(o.get("direction", METRICS[metric].direction), f"{path}.direction",
                              ("maximize", "minimize"))
         result.append(Objective(metric, direction))
     if len({o.metric for o in result}) != len(result):
