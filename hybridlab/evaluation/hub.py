@@ -37,11 +37,12 @@ class HubDatasetUnavailable(EvalError):
     """A hub task's dataset is not cached and cannot be downloaded now."""
 
 
-def local_task_names(tasks_dir: Path = TASKS_DIR) -> set[str]:
-    """Task and group names defined by the YAML files of a local task folder."""
+def local_task_names(folders: Sequence[Path] = (TASKS_DIR,)) -> set[str]:
+    """Task and group names defined by the YAML files of local task folders."""
     names: set[str] = set()
-    for path in tasks_dir.rglob("*.yaml"):
-        names.update(_NAME_LINE.findall(path.read_text(encoding="utf-8")))
+    for folder in folders:
+        for path in folder.rglob("*.yaml"):
+            names.update(_NAME_LINE.findall(path.read_text(encoding="utf-8")))
     return names
 
 
@@ -168,15 +169,17 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return outcome[0] if outcome else f"{host}:{port}: no answer within {timeout:.0f} s"
 
 
-def check_hub_tasks(tasks: Sequence[str]) -> list[str]:
-    """Raise for an unknown task or a hub task that cannot run here; returns the hub tasks."""
-    local = local_task_names()
-    hub = [t for t in tasks if t not in local]
+def check_hub_tasks(tasks: Sequence[str], folders: Sequence[Path] = (TASKS_DIR,)) -> list[str]:
+    """Raise for an unknown task or a hub task that cannot run here; returns the hub tasks.
+
+    Tasks defined in ``folders`` (the local tasks and any include path) and task files are local.
+    """
+    local = local_task_names(folders)
+    hub = [t for t in tasks if t not in local and not Path(t).is_file()]
     if not hub:
         return []
     datasets, unmentioned = scan_lm_eval_tasks(hub)
-    # lm-eval also takes the path of a task YAML file.
-    unknown = [t for t in hub if t in unmentioned and not Path(t).is_file()]
+    unknown = [t for t in hub if t in unmentioned]
     if unknown:
         raise EvalError(f"unknown task {', '.join(map(repr, unknown))}: neither a local task "
                         f"({', '.join(sorted(local))}) nor in lm-eval's task files "

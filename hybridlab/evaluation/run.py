@@ -8,7 +8,9 @@ refuses to touch a finished trial, so those attributes are written to its
 scores are printed only: the tables are keyed by study and trial.
 
 Hub tasks are checked before anything loads (``hub.check_hub_tasks``): offline and uncached,
-they fail in about a second with a message naming the task.
+they fail in about a second with a message naming the task. A user's own tasks come from
+``--include-path`` folders or as a task YAML's path in ``--tasks``; the data files a task YAML
+names are read relative to that YAML (``task_manager``), from whichever folder this runs.
 """
 
 from __future__ import annotations
@@ -65,18 +67,47 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def task_folders(tasks: Sequence[str], include_paths: Sequence[str | Path] = ()
+                 ) -> tuple[list[str], list[Path]]:
+    """(the tasks as lm-eval takes them, the folders it indexes besides its own tasks).
+
+    The folders are hybridlab's local tasks, each ``--include-path`` and the folder of each task
+    given as a YAML file, whose path may be relative to the working directory; lm-eval gets that
+    file's absolute path, and its folder lets the tasks and groups beside it resolve.
+    """
+    folders = [TASKS_DIR]
+    for given in include_paths:
+        folder = Path(given).expanduser()
+        if not folder.is_dir():
+            raise EvalError(f"--include-path {given}: no such folder")
+        folders.append(folder.resolve())
+    resolved = []
+    for task in tasks:
+        if task.endswith((".yaml", ".yml")):
+            path = Path(task).expanduser()
+            if not path.is_file():
+                raise EvalError(f"--tasks: no task file {task}")
+            folders.append(path.resolve().parent)
+            task = str(path.resolve())
+        resolved.append(task)
+    return resolved, list(dict.fromkeys(folders))
+
+
 def run_lm_eval(lm: LM, tasks: Sequence[str], *, limit: float | None = None,
-                bootstrap_iters: int = BOOTSTRAP_ITERS) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` with the local tasks; lm-eval's own index only if needed.
+                bootstrap_iters: int = BOOTSTRAP_ITERS,
+                folders: Sequence[Path] = (TASKS_DIR,)) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` with the tasks of ``folders``; lm-eval's own only if needed.
 
     Indexing lm-eval's bundled tasks takes seconds, so it happens only when a task is not local.
     """
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    local = local_task_names()
-    needs_hub = any(task not in local for task in tasks)
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_hub)
+    from hybridlab.evaluation.task_manager import TaskFileManager
+
+    local = local_task_names(folders)
+    needs_hub = any(task not in local and not Path(task).is_file() for task in tasks)
+    manager = TaskFileManager(include_path=[str(f) for f in folders],
+                              include_defaults=needs_hub)
     known = set(manager.all_tasks)
     unknown = [task for task in tasks if task not in known and not Path(task).is_file()]
     if unknown:
@@ -156,8 +187,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", help="architecture file for --checkpoint")
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated lm-eval tasks: local ({LOCAL_GROUP} = "
-                        f"{', '.join(LOCAL_TASKS)}) or lm-eval's (lambada_openai, hellaswag, "
-                        "piqa, arc_easy, arc_challenge, winogrande, ...: network or cache)")
+                        f"{', '.join(LOCAL_TASKS)}), lm-eval's (lambada_openai, hellaswag, "
+                        "piqa, arc_easy, arc_challenge, winogrande, ...: network or cache), "
+                        "names from --include-path, or a task YAML file's path; data files a "
+                        "task YAML names are read relative to that YAML")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="folder of your own lm-eval task YAMLs (repeatable); a YAML path in "
+                        "--tasks adds its folder by itself")
     parser.add_argument("--limit", type=_limit,
                         help="documents per task (a fraction when below 1)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -195,10 +231,15 @@ def evaluate_sources(
     sources: Sequence[ModelSource], tasks: Sequence[str], *, url: str | None,
     limit: float | None = None, device: str | None = None, batch_size: int = 16,
     max_length: int | None = None, tokenizer: str = "byte", echo: Any = print,
+    include_paths: Sequence[str | Path] = (),
 ) -> dict[int | None, list[Score]]:
-    """Evaluate each source on ``tasks``; study trials' scores are stored when ``url`` is given."""
+    """Evaluate each source on ``tasks``; study trials' scores are stored when ``url`` is given.
+
+    ``include_paths``: folders of further task YAMLs (``--include-path``).
+    """
     require_lm_eval()
-    check_hub_tasks(tasks)
+    tasks, folders = task_folders(tasks, include_paths)
+    check_hub_tasks(tasks, folders)
 
     import lm_eval
 
@@ -210,7 +251,7 @@ def evaluate_sources(
         started = time.perf_counter()
         lm = HybridLabLM(source=source, tokenizer=tokenizer, device=device,
                          batch_size=batch_size, max_length=max_length)
-        found = scores(run_lm_eval(lm, tasks, limit=limit))
+        found = scores(run_lm_eval(lm, tasks, limit=limit, folders=folders))
         seconds = time.perf_counter() - started
         for score in found:
             echo(_format(score))
@@ -239,5 +280,6 @@ def eval_command(args: argparse.Namespace) -> int:
     sources, url = _sources(args)
     evaluate_sources(sources, tasks, url=url, limit=args.limit, device=args.device,
                      batch_size=args.batch_size, max_length=args.max_length,
-                     tokenizer=args.tokenizer, echo=lambda line: print(line, flush=True))
+                     tokenizer=args.tokenizer, include_paths=args.include_path,
+                     echo=lambda line: print(line, flush=True))
     return 0

@@ -212,3 +212,61 @@ def test_lm_eval_command_line_device_default(cli, config, expected, tmp_path):
                                  "device": None, "config": str(path) if config else None, **cli})
     lm_eval_cli.default_device(args)
     assert args.device == expected
+
+
+CUSTOM_TASK = """\
+task: my_completion
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/rows.jsonl
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1
+"""
+
+
+@pytest.fixture
+def custom_task(tmp_path):
+    """A user's task folder: a task YAML and its JSONL data, named relative to the YAML."""
+    folder = tmp_path / "my_tasks"
+    (folder / "data").mkdir(parents=True)
+    (folder / "my_task.yaml").write_text(CUSTOM_TASK)
+    rows = [{"context": f"def f{i}(x):\n    return", "target": f"x + {i}"} for i in range(3)]
+    (folder / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_a_task_file_runs_from_any_folder(trained, custom_task, tmp_path, monkeypatch, capsys):
+    # From the folder above the YAML: the data file is named relative to the YAML, not to here.
+    monkeypatch.chdir(tmp_path)
+    assert eval_command(parse("--checkpoint", str(trained.run_dir), "--tasks",
+                              "my_tasks/my_task.yaml,hybridlab_mqar", "--limit", "2",
+                              "--device", "cpu")) == 0
+    out = capsys.readouterr().out
+    assert "my_completion" in out and "acc" in out and "hybridlab_mqar" in out
+    # By name, through --include-path, from an unrelated folder.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert eval_command(parse("--checkpoint", str(trained.run_dir), "--include-path",
+                              str(custom_task), "--tasks", "my_completion", "--limit", "2",
+                              "--device", "cpu")) == 0
+    assert "my_completion" in capsys.readouterr().out
+
+
+def test_missing_task_folders_and_files_are_named(trained, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(EvalError, match=f"--include-path {missing}: no such folder"):
+        eval_command(parse("--checkpoint", str(trained.run_dir), "--include-path", str(missing),
+                           "--tasks", "hybridlab_bpb"))
+    with pytest.raises(EvalError, match=r"--tasks: no task file .*mine\.yaml"):
+        eval_command(parse("--checkpoint", str(trained.run_dir),
+                           "--tasks", str(tmp_path / "mine.yaml")))

@@ -10,6 +10,7 @@ from hybridlab.data.corpus import default_corpus
 from hybridlab.evaluation.hub import local_task_names
 from hybridlab.evaluation.lm_eval import HybridLabLM
 from hybridlab.evaluation.run import scores
+from hybridlab.evaluation.task_manager import resolve_data_paths
 from hybridlab.evaluation.tasks import DATA_DIR, LOCAL_GROUP, LOCAL_TASKS, TASKS_DIR
 from hybridlab.evaluation.tasks.generate import generate
 
@@ -59,3 +60,31 @@ def test_simple_evaluate_runs_every_local_task_offline(trained, monkeypatch, tmp
     # A byte model that learnt anything beats the uniform 8 bits per byte.
     assert bpb < 7.5
     assert results["config"]["genome_hash"] == trained.arch.canonical_hash()
+
+
+def test_task_data_paths_resolve_against_the_yaml_folder(tmp_path):
+    folder = tmp_path / "tasks"
+    config = {
+        "task": "t", "dataset_path": "./local_dataset",
+        "dataset_kwargs": {
+            "data_files": {"test": "data/test.jsonl",
+                           "train": ["a/*.jsonl", "/abs/b.jsonl", "hf://datasets/x/y.json"]},
+            "data_dir": "more",
+        },
+    }
+    assert resolve_data_paths(config, folder) == {
+        "task": "t", "dataset_path": str(folder / "local_dataset"),
+        "dataset_kwargs": {
+            "data_files": {"test": str(folder / "data/test.jsonl"),
+                           "train": [str(folder / "a/*.jsonl"), "/abs/b.jsonl",
+                                     "hf://datasets/x/y.json"]},
+            "data_dir": str(folder / "more"),
+        },
+    }
+    # Hub datasets and builder names stay as they are; the given config is not changed.
+    hub = {"task": "h", "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy"}
+    assert resolve_data_paths(hub, folder) == hub
+    assert config["dataset_kwargs"]["data_dir"] == "more"
+    single = {"dataset_path": "json", "dataset_kwargs": {"data_files": "rows.jsonl"}}
+    assert resolve_data_paths(single, folder)["dataset_kwargs"] == {
+        "data_files": str(folder / "rows.jsonl")}
