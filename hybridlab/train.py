@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from hybridlab.model import HybridLM
 
 Status = Literal["completed", "budget", "stopped", "diverged"]
 EvalCallback = Callable[[int, dict[str, float]], bool | None]
+# "bar": a tqdm bar for terminals; "lines": one flushed line per log interval, for pipes and logs.
+Progress = Literal["bar", "lines", "off"]
+PROGRESS_MODES = ("bar", "lines", "off")
 
 # TrainConfig fields that change how a run executes but neither its weights nor its curve:
 # resuming from a checkpoint is exact, so where and how often it is written does not matter.
@@ -221,15 +225,24 @@ def train(
     *,
     checkpoint_dir: str | Path | None = None,
     callback: EvalCallback | None = None,
-    progress: bool = False,
+    progress: Progress | bool = "off",
+    progress_stream: TextIO | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``task``; resumes from the newest verified checkpoint in the folder.
 
     Newer checkpoints that fail verification are set aside and listed in ``recovered``.
+    ``progress`` ("bar" | "lines" | "off"; True and False mean "bar" and "off") goes to
+    ``progress_stream``, sys.stderr by default; a line reads
+    ``mqar step 50/100 loss 3.2100 lr 1.00e-03 12.3 s``.
 
     Stops at ``cfg.steps`` ("completed"), at a token or time budget ("budget"), when the callback
     returns True ("stopped"), or on a non-finite loss ("diverged", with the step in the reason).
     """
+    mode = ("bar" if progress else "off") if isinstance(progress, bool) else progress
+    if mode not in PROGRESS_MODES:
+        raise ConfigError("progress", f"must be one of {', '.join(PROGRESS_MODES)}, got "
+                          f"{progress!r}")
+    stream = progress_stream if progress_stream is not None else sys.stderr
     if task.vocab_size > model.config.vocab_size:
         raise ConfigError("vocab_size", f"the task needs {task.vocab_size} tokens but the "
                           f"model has {model.config.vocab_size}")
@@ -246,7 +259,7 @@ def train(
     running_loss, running_count = 0.0, 0
     found, state, recovered = (load_latest_checkpoint(checkpoint_dir, model)
                                if checkpoint_dir is not None else (None, None, []))
-    if found is not None and state is not None:
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         data_rng.set_state(state["data_rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
@@ -286,7 +299,8 @@ def train(
 
     status: Status = "completed"
     reason = f"reached {cfg.steps} steps"
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=task.name, leave=False)
+    bar = tqdm(total=cfg.steps, initial=step, disable=mode != "bar", desc=task.name, leave=False,
+               file=stream)
     try:
         while step < cfg.steps:
             if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
@@ -315,9 +329,13 @@ def train(
             running_count += 1
             bar.update(1)
             if step % cfg.log_every == 0:
-                curve.append({"step": step, "split": "train", "metric": "loss",
-                              "value": running_loss / running_count})
-                bar.set_postfix(loss=f"{running_loss / running_count:.3f}")
+                mean = running_loss / running_count
+                curve.append({"step": step, "split": "train", "metric": "loss", "value": mean})
+                bar.set_postfix(loss=f"{mean:.3f}")
+                if mode == "lines":
+                    lr = optimizer.param_groups[0]["lr"]
+                    print(f"{task.name} step {step}/{cfg.steps} loss {mean:.4f} lr {lr:.2e} "
+                          f"{elapsed():.1f} s", file=stream, flush=True)
                 running_loss, running_count = 0.0, 0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics = evaluate(model, task, batch_size=cfg.eval_batch_size,

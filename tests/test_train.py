@@ -1,5 +1,7 @@
+import io
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -433,3 +435,53 @@ def test_growing_the_step_budget_extends_the_curve_without_repeating_points(tmp_
     assert {k for k in keys if k[0] > 8} == {
         *((s, "train", "loss") for s in (10, 12, 14)),
         *((s, "test", m) for s in (10, 14) for m in ("loss", "accuracy"))}
+
+
+PROGRESS_LINE = re.compile(
+    r"shift step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\d\.\d{2}e[+-]\d\d) (\d+\.\d) s\n")
+
+
+@pytest.mark.parametrize(("steps", "log_every"), [(6, 2), (7, 3)])
+def test_progress_lines_report_each_log_interval(steps, log_every):
+    stream = io.StringIO()
+    cfg = TrainConfig(steps=steps, seed=1, **{**FAST, "log_every": log_every})
+    result = train(small_model(), ShiftTask(), cfg, progress="lines", progress_stream=stream)
+    lines = stream.getvalue().splitlines(keepends=True)
+    losses = [c for c in result.curve if c["split"] == "train"]
+    assert len(lines) == len(losses) == steps // log_every
+    seconds = []
+    for line, point in zip(lines, losses, strict=True):
+        match = PROGRESS_LINE.fullmatch(line)
+        assert match, line
+        step = int(match[1])
+        assert (step, int(match[2])) == (point["step"], steps)
+        assert float(match[3]) == pytest.approx(point["value"], abs=5e-5)
+        assert float(match[4]) == pytest.approx(lr_at(step - 1, cfg), rel=5e-3)
+        seconds.append(float(match[5]))
+    assert seconds == sorted(seconds) and seconds[-1] <= result.seconds + 0.05
+
+
+def test_progress_lines_continue_from_the_resumed_step(tmp_path):
+    cfg = TrainConfig(steps=12, checkpoint_every=4, seed=1, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_model(), ShiftTask(interrupt_after=9), cfg, checkpoint_dir=tmp_path)
+    stream = io.StringIO()
+    train(small_model(), ShiftTask(), cfg, checkpoint_dir=tmp_path, progress="lines",
+          progress_stream=stream)
+    assert [int(PROGRESS_LINE.fullmatch(line)[1]) for line in
+            stream.getvalue().splitlines(keepends=True)] == [10, 12]
+
+
+def test_progress_off_is_silent_and_the_bar_writes_to_the_stream():
+    cfg = TrainConfig(steps=4, **FAST)
+    for off in ("off", False):
+        stream = io.StringIO()
+        train(small_model(), ShiftTask(), cfg, progress=off, progress_stream=stream)
+        assert stream.getvalue() == ""
+    for bar in ("bar", True):
+        stream = io.StringIO()
+        train(small_model(), ShiftTask(), cfg, progress=bar, progress_stream=stream)
+        assert "4/4" in stream.getvalue() and not PROGRESS_LINE.search(stream.getvalue())
+    with pytest.raises(ConfigError, match="progress") as err:
+        train(small_model(), ShiftTask(), cfg, progress="line")
+    assert err.value.field == "progress"
