@@ -198,7 +198,7 @@ class ArchConfig:
             return _arch_from_dict(data)
         except ConfigError as err:
             raise ConfigError(
-                err.field, err.message, source=source, line=_line_for(err.field, lines)
+                err.field, err.message, source=source, line=line_for(err.field, lines)
             ) from None
 
     def to_json(self) -> str:
@@ -247,7 +247,7 @@ def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
     return {"type": spec.type, **dataclasses.asdict(spec)}
 
 
-def _line_for(field_path: str, lines: Mapping[str, int] | None) -> int | None:
+def line_for(field_path: str, lines: Mapping[str, int] | None) -> int | None:
     """Line of the field, or of its closest enclosing field (``layers[2]`` for a missing key)."""
     if not lines:
         return None

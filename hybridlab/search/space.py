@@ -23,6 +23,7 @@ from hybridlab.config import (
     LayerSpec,
     Mamba2Spec,
     MLPSpec,
+    line_for,
     load_yaml_with_lines,
     read_text_file,
 )
@@ -97,7 +98,7 @@ class Budgets:
 
 
 @dataclass(frozen=True)
-class Objective:
+class ObjectiveSpec:
     metric: str
     direction: Literal["maximize", "minimize"]
 
@@ -127,7 +128,7 @@ class SearchSpace:
     train: TrainConfig
     model: ModelSpace
     budgets: Budgets
-    objectives: tuple[Objective, ...]
+    objectives: tuple[ObjectiveSpec, ...]
     sampler: str = "tpe"
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
     pruner: str = "hyperband"
@@ -156,15 +157,7 @@ class _Reader:
         self.lines = lines
 
     def error(self, path: str, message: str) -> ConfigError:
-        line = None
-        probe = path
-        while probe:
-            if probe in self.lines:
-                line = self.lines[probe]
-                break
-            cut = max(probe.rfind("."), probe.rfind("["))
-            probe = probe[:cut] if cut > 0 else ""
-        return ConfigError(path, message, source=self.source, line=line)
+        return ConfigError(path, message, source=self.source, line=line_for(path, self.lines))
 
     def mapping(self, value: Any, path: str, allowed: Sequence[str]) -> Mapping[str, Any]:
         if value is None:
@@ -436,7 +429,7 @@ def describe_pruner(space: SearchSpace) -> str:
 
 
 def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
-                objectives: tuple[Objective, ...]) -> None:
+                objectives: tuple[ObjectiveSpec, ...]) -> None:
     """Build the task once so a bad name or knob fails here, not inside every worker."""
     from hybridlab.search.objective import make_tasks
 
@@ -638,9 +631,9 @@ def _parse_budgets(r: _Reader, data: Any) -> Budgets:
     )
 
 
-def _parse_objectives(r: _Reader, data: Any) -> tuple[Objective, ...]:
+def _parse_objectives(r: _Reader, data: Any) -> tuple[ObjectiveSpec, ...]:
     if data is None:
-        return (Objective(DEFAULT_OBJECTIVE, METRICS[DEFAULT_OBJECTIVE].direction),)
+        return (ObjectiveSpec(DEFAULT_OBJECTIVE, METRICS[DEFAULT_OBJECTIVE].direction),)
     if not isinstance(data, list) or not data:
         raise r.error("objectives", "must be a non-empty list of {metric, direction}")
     result = []
@@ -652,7 +645,7 @@ def _parse_objectives(r: _Reader, data: Any) -> tuple[Objective, ...]:
         metric = r.one_of(o["metric"], f"{path}.metric", metric_names())
         direction = r.one_of(o.get("direction", METRICS[metric].direction), f"{path}.direction",
                              ("maximize", "minimize"))
-        result.append(Objective(metric, direction))
+        result.append(ObjectiveSpec(metric, direction))
     if len({o.metric for o in result}) != len(result):
         raise r.error("objectives", "lists a metric twice")
     return tuple(result)
