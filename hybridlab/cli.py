@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from hybridlab import __version__, code_version
-from hybridlab.checkpoint import CheckpointError
 from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
 from hybridlab.cost import cost_report, measure_tokens_per_second
+from hybridlab.errors import HybridlabError
 from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
@@ -163,6 +163,17 @@ def train_command(args: argparse.Namespace) -> int:
     return 0 if result.status != "diverged" else 1
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type for counts and intervals: an integer >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def search_command(args: argparse.Namespace) -> int:
     """Run an architecture search: Optuna proposes, Ray workers train, the database records."""
     from hybridlab.search.runner import run_search
@@ -171,6 +182,7 @@ def search_command(args: argparse.Namespace) -> int:
         args.space, study=args.study, storage_url=args.storage, workers=args.workers,
         trials=args.trials, ray_address=args.ray_address, runs_dir=args.runs_dir,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
+        allow_space_change=args.allow_space_change,
     )
     print(f"done: {summary.finished} trials finished ({summary.complete} complete, "
           f"{summary.pruned} pruned or rejected, {summary.failed} failed attempts) in "
@@ -251,14 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("space", help="search-space YAML file (see search_spaces/)")
     s.add_argument("--study", help="study name (default: the space's name); reuse it to resume")
     s.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
-    s.add_argument("--workers", type=int, help="Ray workers (default: the space's)")
-    s.add_argument("--trials", type=int, help="finished trials to reach (default: the space's)")
+    s.add_argument("--workers", type=_at_least_one, help="Ray workers (default: the space's)")
+    s.add_argument("--trials", type=_at_least_one,
+                   help="finished trials to reach (default: the space's)")
     s.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
     s.add_argument("--runs-dir", default="runs", help="outputs: databases, checkpoints")
-    s.add_argument("--heartbeat-interval", type=int, default=10,
+    s.add_argument("--heartbeat-interval", type=_at_least_one, default=10,
                    help="seconds between a running trial's heartbeats")
-    s.add_argument("--grace-period", type=int, default=30,
+    s.add_argument("--grace-period", type=_at_least_one, default=30,
                    help="seconds without a heartbeat before a trial counts as dead and is retried")
+    s.add_argument("--allow-space-change", action="store_true",
+                   help="continue an existing study although its search space changed")
 
     st = sub.add_parser("status", help=status_command.__doc__, description=status_command.__doc__)
     st.add_argument("--study", help="study name (default: the only study in the database)")
@@ -282,9 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, RuntimeError, CheckpointError) as err:
-        print(f"hybridlab {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except HybridlabError as err:
+        # An interrupted search says so and exits 128 + the signal; other user errors exit 2.
+        code = getattr(err, "exit_code", 2)
+        label = "error: " if code == 2 else ""
+        print(f"hybridlab {args.command}: {label}{err}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

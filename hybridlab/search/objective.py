@@ -9,10 +9,11 @@ its failed predecessor stopped.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
-from dataclasses import asdict, replace
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,11 @@ from hybridlab.store import (
     CandidateStatus,
     CurvePoint,
     Evaluation,
-    Slot,
-    session_scope,
+    GenomeClaim,
+    transaction,
+    worker_id,
 )
-from hybridlab.train import TrainResult, train
+from hybridlab.train import TrainResult, settings_key, train
 
 SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
 
@@ -53,15 +55,6 @@ SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
 def make_tasks(spec: str, *, seed: int, options: dict[str, Any]) -> list[TaskData]:
     """One task, or every task of a suite ("mad:all": the six MAD tasks, trained separately)."""
     return [make_task(name, seed=seed, **options) for name in SUITES.get(spec, (spec,))]
-
-
-def train_settings_hash(space: SearchSpace, task: TaskData) -> str:
-    """What besides the genome decides the trained weights: train settings and exact data."""
-    payload = {"train": asdict(space.train), "task": task.fingerprint()}
-    for volatile in ("threads", "device"):
-        payload["train"].pop(volatile)
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
@@ -88,17 +81,19 @@ class Objective:
         self.engine = engine
         self.artifacts_dir = artifacts_dir
         self.device = device
-        self.slot: int | None = None
+        # Called at each evaluation of a training run (the worker re-spreads its threads).
+        self.on_evaluation: Callable[[], None] | None = None
+        # How often a trial waiting for another trial of its genome looks again.
+        self.poll_seconds = 2.0
         self.vocab_size = max(task.vocab_size for task in tasks)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        if self.slot is not None:
-            with session_scope(self.engine) as session:
-                session.execute(sa.update(Slot).where(
-                    Slot.study == self.study, Slot.slot == self.slot).values(trial=trial.number))
         try:
             return self._run(trial)
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            self._record(trial.number, status=CandidateStatus.FAILED, reason="interrupted")
             raise
         except Exception as err:
             self._record(trial.number, status=CandidateStatus.FAILED,
@@ -120,7 +115,8 @@ class Objective:
         except Rejected as rejected:
             raise self._reject(trial, str(rejected), arch=arch, costs=costs) from None
 
-        reused = self._find_trained(arch.canonical_hash())
+        genome = arch.canonical_hash()
+        reused = self._claim_or_reuse(trial, genome)
         if reused is not None:
             trial.set_user_attr("reused_from", reused.trial)
             self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.REUSED,
@@ -128,6 +124,15 @@ class Objective:
                          reused_from=reused.trial, objectives=reused.objectives,
                          tokens_per_second=reused.tokens_per_second)
             return self._values(reused.objectives)
+        try:
+            return self._train(trial, arch, costs)
+        finally:
+            transaction(self.engine, lambda session: session.execute(sa.delete(GenomeClaim).where(
+                GenomeClaim.study == self.study, GenomeClaim.genome_hash == genome,
+                GenomeClaim.trial == trial.number)))
+
+    def _train(self, trial: optuna.Trial, arch: ArchConfig,
+               costs: dict[str, float]) -> float | list[float]:
 
         model = HybridLM(arch, seed=self.space.seed).to(self.device)
         tokens_per_second = measure_tokens_per_second(
@@ -162,23 +167,32 @@ class Objective:
         prune = (len(self.tasks) == 1 and not self.space.multi_objective
                  and self.space.pruner != "none")
         metric = self.space.objectives[0].metric
+        pruned_at: list[str] = []
 
         def report(step: int, metrics: dict[str, float]) -> bool:
+            if self.on_evaluation is not None:
+                self.on_evaluation()
             if not prune or metric not in metrics:
                 return False
             trial.report(metrics[metric], step)
-            return trial.should_prune()
+            if not trial.should_prune():
+                return False
+            pruned_at.append(f"pruned by {self.space.pruner} at step {step}: "
+                             f"{metric} {metrics[metric]:.4g}")
+            return True
 
-        key = f"{arch.canonical_hash()}-{train_settings_hash(self.space, task)}"
-        folder = self.artifacts_dir / "checkpoints" / key
-        # Threads are set once per worker process, not per trial.
+        # Threads are the worker's business (set per trial), not the trainer's.
         cfg = replace(self.space.train, device=self.device, threads=None)
+        key = f"{arch.canonical_hash()}-{settings_key(cfg, task)}"
+        folder = self.artifacts_dir / "checkpoints" / key
         folder.mkdir(parents=True, exist_ok=True)
         # One writer per folder: a duplicate genome (or a retry of a trial declared dead too
         # early) waits, then resumes from the finished checkpoint instead of racing it.
         with (folder / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
+        if result.status == "stopped" and pruned_at:
+            result = replace(result, reason=pruned_at[0])
         self._store_run(trial.number, task, result)
         return result
 
@@ -200,9 +214,42 @@ class Objective:
                      reason=reason)
         return optuna.TrialPruned(f"rejected: {reason}")
 
-    def _find_trained(self, genome_hash: str) -> Candidate | None:
-        with session_scope(self.engine) as session:
-            return Candidate.first_trained(session, self.study, genome_hash)
+    def _claim_or_reuse(self, trial: optuna.Trial, genome: str) -> Candidate | None:
+        """The candidate that trained ``genome``, or None once this trial holds its claim.
+
+        While another running trial holds the claim this one waits; a holder that ended without
+        a trained result (failed, pruned, its worker died) is taken over.
+        """
+        owner = worker_id()
+
+        def look(session) -> tuple[Candidate | None, int | None]:
+            trained = Candidate.first_trained(session, self.study, genome)
+            if trained is not None:
+                return trained, None
+            claim = session.get(GenomeClaim, (self.study, genome))
+            if claim is None:
+                session.add(GenomeClaim(study=self.study, genome_hash=genome,
+                                        trial=trial.number, owner=owner))
+                return None, None
+            return None, None if claim.trial == trial.number else claim.trial
+
+        while True:
+            try:
+                trained, holder = transaction(self.engine, look)
+            except sa.exc.IntegrityError:
+                continue  # claimed by another trial at the same moment: look again
+            if holder is None:
+                return trained
+            # Failing stale trials here too: the holder's worker may have died.
+            optuna.storages.fail_stale_trials(trial.study)
+            states = {t.number: t.state for t in trial.study.get_trials(deepcopy=False)}
+            if states.get(holder) != optuna.trial.TrialState.RUNNING:
+                transaction(self.engine, lambda session, holder=holder: session.execute(
+                    sa.delete(GenomeClaim).where(
+                        GenomeClaim.study == self.study, GenomeClaim.genome_hash == genome,
+                        GenomeClaim.trial == holder)))
+                continue
+            time.sleep(self.poll_seconds)
 
     def _record(self, trial: int, *, status: CandidateStatus, reason: str | None = None,
                 arch: ArchConfig | None = None, costs: dict[str, float] | None = None,
@@ -229,7 +276,8 @@ class Objective:
             "reused_from": reused_from,
             "objectives": objectives,
         }
-        with session_scope(self.engine) as session:
+
+        def upsert(session) -> None:
             row = session.scalars(sa.select(Candidate).where(
                 Candidate.study == self.study, Candidate.trial == trial)).first()
             if row is None:
@@ -239,10 +287,13 @@ class Objective:
                     if value is not None or key in ("reason",):
                         setattr(row, key, value)
 
+        transaction(self.engine, upsert)
+
     def _store_run(self, trial: int, task: TaskData, result: TrainResult) -> None:
         """Curve, final proxy metrics and checkpoint of one training run (replacing a retry's)."""
         suite = len(self.tasks) > 1
-        with session_scope(self.engine) as session:
+
+        def replace_rows(session) -> None:
             own_curve = (CurvePoint.split.startswith(f"{task.name}/", autoescape=True) if suite
                          else sa.true())
             session.execute(sa.delete(CurvePoint).where(
@@ -250,6 +301,9 @@ class Objective:
             session.execute(sa.delete(Evaluation).where(
                 Evaluation.study == self.study, Evaluation.trial == trial,
                 Evaluation.task == task.name))
+            session.execute(sa.delete(Artifact).where(
+                Artifact.study == self.study, Artifact.trial == trial,
+                Artifact.kind == f"{CHECKPOINT_KIND}{task.name}"))
             for point in result.curve:
                 split = f"{task.name}/{point['split']}" if suite else point["split"]
                 session.add(CurvePoint(study=self.study, trial=trial, step=point["step"],
@@ -265,6 +319,9 @@ class Objective:
                                      kind=f"{CHECKPOINT_KIND}{task.name}",
                                      path=str(result.checkpoint.resolve()),
                                      sha256=sha256_file(weights)))
+
+        # Deleting first makes the whole write safe to repeat after an outage.
+        transaction(self.engine, replace_rows)
 
 
 def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:

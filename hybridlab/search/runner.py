@@ -11,20 +11,29 @@ left. The database is the single source of truth, so a restarted driver continue
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
+import signal
+import tempfile
+import threading
 import time
+import uuid
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import optuna
 import sqlalchemy as sa
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
 
+from hybridlab.config import ConfigError
+from hybridlab.errors import HybridlabError
 from hybridlab.search.objective import Objective, make_tasks
 from hybridlab.search.space import (
     SearchSpace,
@@ -36,16 +45,21 @@ from hybridlab.search.space import (
 from hybridlab.store import (
     Candidate,
     CandidateStatus,
+    RetryingRDBStorage,
+    Run,
     Slot,
     StorageError,
     best_trials,
+    check_storage,
     create_tables,
+    creation_lock,
     default_sqlite_url,
+    display_url,
     engine_kwargs,
     is_sqlite,
     make_engine,
     open_engine,
-    session_scope,
+    transaction,
     worker_id,
 )
 
@@ -56,6 +70,15 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 MAX_TRIAL_RETRIES = 3
 MAX_WORKER_RESTARTS = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Sampler seeds are space.seed + rank; run k of a study numbers its workers from k * RANKS_PER_RUN
+# (a worker started again later in the run takes the next rank), so a resumed study or a second
+# driver never replays proposals, and a fresh study keeps ranks 0..workers-1.
+RANKS_PER_RUN = 1000
+# Trial user attribute naming the run (``RunOptions.run_id``) that ran the trial.
+RUN_ATTR = "run"
+# Top-level space keys that say how to run, not what to search: a resumed study may change them.
+RUN_KEYS = ("trials", "workers", "resources")
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,10 +91,21 @@ class RunOptions:
     heartbeat_interval: int = 10
     grace_period: int = 30
     poll_seconds: float = 2.0
+    # This driver's run: its trials carry the id; its workers' ranks start at first_rank.
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    first_rank: int = 0
+    allow_space_change: bool = False
 
 
 @dataclass(frozen=True)
 class SearchSummary:
+    """What a search did.
+
+    ``worker_seconds`` is the sum over this run's workers of each one's lifetime, from its task
+    starting to its exit (a worker that exited because no work was left is not counted as idle
+    after it exited); ``train_seconds`` sums the training time of the trials this run trained.
+    """
+
     study: str
     storage_url: str
     finished: int
@@ -81,16 +115,35 @@ class SearchSummary:
     wall_seconds: float
     train_seconds: float
     workers: int
+    worker_seconds: float = 0.0
 
     @property
     def overhead_share(self) -> float:
-        """Share of worker time not spent training (orchestration, evaluation, idle)."""
-        busy = self.wall_seconds * self.workers
+        """Share of worker time not spent training (set-up, orchestration, evaluation, idle)."""
+        busy = self.worker_seconds
         return max(0.0, 1.0 - self.train_seconds / busy) if busy else 0.0
 
 
-def make_optuna_storage(opts: RunOptions) -> RDBStorage:
-    return RDBStorage(
+class SearchInterrupted(HybridlabError):
+    """The search was stopped by SIGINT or SIGTERM; the CLI exits 128 + the signal number."""
+
+    def __init__(self, signum: int, finished: int, trials: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name}); {finished} of {trials} "
+                         "trials finished, rerun the same command to resume")
+
+
+class _Stop(BaseException):
+    """Raised in the driver by SIGINT/SIGTERM; a BaseException so no ``except Exception`` eats
+    it before the driver cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def make_optuna_storage(opts: RunOptions) -> RetryingRDBStorage:
+    return RetryingRDBStorage(
         opts.storage_url,
         engine_kwargs=engine_kwargs(opts.storage_url),
         heartbeat_interval=opts.heartbeat_interval,
@@ -101,87 +154,174 @@ def make_optuna_storage(opts: RunOptions) -> RDBStorage:
 
 
 def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optuna.Study:
-    """Create (or load) the study and every table; run once, in the driver, before workers."""
-    with open_engine(opts.storage_url) as engine:
+    """Create (or load) the study and every table; run once, in the driver, before workers.
+
+    Safe when several drivers start on one fresh database at the same moment (creation lock).
+    """
+    with open_engine(opts.storage_url) as engine, creation_lock(engine):
         create_tables(engine)
-    study = optuna.create_study(
-        study_name=opts.study, storage=make_optuna_storage(opts),
-        directions=space.directions, load_if_exists=True,
-    )
-    expected = [optuna.study.StudyDirection[d.upper()] for d in space.directions]
-    if list(study.directions) != expected:
-        raise StorageError(
-            f"study {opts.study!r} already exists with directions "
-            f"{[d.name.lower() for d in study.directions]}, but the space asks for "
-            f"{space.directions}; pick another --study name"
+        study = optuna.create_study(
+            study_name=opts.study, storage=make_optuna_storage(opts),
+            directions=space.directions, load_if_exists=True,
         )
-    study.set_metric_names([o.metric for o in space.objectives])
-    study.set_user_attr("space", space_text)
-    study.set_user_attr("objectives", [o.metric for o in space.objectives])
+        expected = [optuna.study.StudyDirection[d.upper()] for d in space.directions]
+        if list(study.directions) != expected:
+            raise StorageError(
+                f"study {opts.study!r} already exists with directions "
+                f"{[d.name.lower() for d in study.directions]}, but the space asks for "
+                f"{space.directions}; pick another --study name"
+            )
+        stored = study.user_attrs.get("space")
+        if stored is not None and not opts.allow_space_change:
+            changes = space_diff(stored, space_text)
+            if changes:
+                raise StorageError(
+                    f"study {opts.study!r} in {display_url(opts.storage_url)} was created with "
+                    "another search space; rerun with --allow-space-change to continue it with "
+                    "this one, or pick another --study name. Changes (stored -> new, "
+                    f"ignoring {', '.join(RUN_KEYS)}):\n{changes}")
+        study.set_metric_names([o.metric for o in space.objectives])
+        study.set_user_attr("space", space_text)
+        study.set_user_attr("objectives", [o.metric for o in space.objectives])
     return study
 
 
-def _release_dead_slots(engine, study: optuna.Study, opts: RunOptions) -> None:
-    """Free slots whose trial failed, and claims whose worker died before starting a trial."""
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+def space_diff(stored: str, new: str) -> str:
+    """A unified diff of what two space files search, or "" when that is the same.
+
+    Both are compared as parsed YAML written back canonically (sorted keys, one style), so
+    comments, order and layout do not count, and neither do ``RUN_KEYS``.
+    """
+
+    def canonical(text: str) -> list[str]:
+        data = yaml.safe_load(text)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in RUN_KEYS}
+        return yaml.safe_dump(data, sort_keys=True, default_flow_style=False).splitlines()
+
+    lines = difflib.unified_diff(canonical(stored), canonical(new), "stored space", "new space",
+                                 lineterm="", n=1)
+    return "\n".join(lines)
+
+
+def begin_run(opts: RunOptions) -> RunOptions:
+    """Record this driver's run in the study; its options with the run's first worker rank."""
+    owner = worker_id()
+    for _ in range(20):
+        try:
+            with open_engine(opts.storage_url) as engine:
+                number = transaction(engine, lambda session: Run.begin(
+                    session, opts.study, opts.run_id, opts.workers, owner))
+            return replace(opts, first_rank=number * RANKS_PER_RUN)
+        except sa.exc.IntegrityError:
+            continue  # another driver took the same number first
+    raise StorageError(f"could not record a run of study {opts.study!r}: too many drivers "
+                       "starting at once")
+
+
+def run_trials(study: optuna.Study, run_id: str) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(RUN_ATTR) == run_id]
+
+
+def _sweep(engine, study: optuna.Study, opts: RunOptions) -> None:
+    """Free slots whose trial failed and claims whose worker died before starting a trial, and
+    mark failed trials' candidates that still say running (their worker died)."""
+    trials = study.get_trials(deepcopy=False)
+    states = {t.number: t.state for t in trials}
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
     cutoff = time.time() - opts.grace_period
-    with session_scope(engine) as session:
+
+    def sweep(session) -> None:
         for slot in session.scalars(sa.select(Slot).where(Slot.study == opts.study)).all():
             if (slot.trial is not None and states.get(slot.trial) == TrialState.FAIL) or (
                 slot.trial is None and slot.claimed_unix < cutoff
             ):
                 session.delete(slot)
+        Candidate.fail_unfinished(session, opts.study, failed,
+                                  "the trial failed without a recorded reason (its worker died "
+                                  "or stopped sending heartbeats)")
+
+    transaction(engine, sweep)
 
 
 def _claim_slot(engine, opts: RunOptions) -> int | None:
+    """Claim the smallest free slot, or None when all ``opts.trials`` are claimed.
+
+    Reads only the claimed slots (a study of 10**9 trials has few), never a list of free ones.
+    """
+    owner = worker_id()
+
+    def taken(session) -> list[int]:
+        return list(session.scalars(sa.select(Slot.slot).where(
+            Slot.study == opts.study).order_by(Slot.slot)))
+
     for _ in range(10):
-        with session_scope(engine) as session:
-            taken = set(session.scalars(sa.select(Slot.slot).where(Slot.study == opts.study)))
-        free = [i for i in range(opts.trials) if i not in taken]
-        if not free:
+        claimed = transaction(engine, taken)
+        # Slots are distinct and start at 0: the first gap is where slot i is not i.
+        free = next((i for i, slot in enumerate(claimed) if slot != i), len(claimed))
+        if free >= opts.trials:
             return None
         try:
-            with session_scope(engine) as session:
-                session.add(Slot(study=opts.study, slot=free[0], owner=worker_id()))
-            return free[0]
+            transaction(engine, lambda session, slot=free: _insert_slot(
+                session, opts.study, slot, owner))
+            return free
         except sa.exc.IntegrityError:
             continue  # another worker took it first
     return None
 
 
+def _insert_slot(session, study: str, slot: int, owner: str) -> None:
+    existing = session.get(Slot, (study, slot))
+    if existing is not None and existing.owner == owner:
+        return  # a retried insert whose first attempt committed
+    session.add(Slot(study=study, slot=slot, owner=owner))
+
+
 def worker_loop(space_text: str, source: str | None, opts: RunOptions, rank: int) -> int:
-    """Run trials until the study has ``opts.trials`` finished ones; returns trials run here."""
+    """Run trials until the study has ``opts.trials`` finished ones, this run has failed too
+    often, or every slot is claimed by another worker; returns trials run here."""
     space = parse_space(space_text, source=source, check_task=False)
     torch.set_num_threads(space.resources.threads_per_worker)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
         study_name=opts.study, storage=make_optuna_storage(opts),
-        sampler=make_sampler(space, rank), pruner=make_pruner(space),
+        sampler=make_sampler(space, opts.first_rank + rank), pruner=make_pruner(space),
     )
     engine = make_engine(opts.storage_url)
     device = "cuda" if space.resources.gpus_per_worker > 0 else "cpu"
     tasks = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))
     objective = Objective(space, tasks, study=opts.study, engine=engine,
                           artifacts_dir=opts.artifacts_dir, device=device)
+    objective.on_evaluation = lambda: _share_threads(study, opts, space)
+    objective.poll_seconds = opts.poll_seconds
+
+    slot: int | None = None
+
+    def run_trial(trial: optuna.Trial) -> float | list[float]:
+        trial.set_user_attr(RUN_ATTR, opts.run_id)
+        transaction(engine, lambda session: session.execute(sa.update(Slot).where(
+            Slot.study == opts.study, Slot.slot == slot).values(trial=trial.number)))
+        return objective(trial)
+
     ran = 0
     try:
         while True:
             fail_stale_trials(study)
-            _release_dead_slots(engine, study, opts)
+            _sweep(engine, study, opts)
             if len(study.get_trials(deepcopy=False, states=FINISHED)) >= opts.trials:
                 return ran
-            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            failed = [t for t in run_trials(study, opts.run_id) if t.state == TrialState.FAIL]
             if len(failed) >= max_failures(opts.trials):
                 # A space whose trials fail every time would otherwise sample forever.
                 return ran
             slot = _claim_slot(engine, opts)
             if slot is None:
-                # Every slot is busy: wait, to take over a trial whose worker dies.
-                time.sleep(opts.poll_seconds)
-                continue
-            objective.slot = slot
+                # Every slot is claimed: the rest runs elsewhere. Exiting frees this worker's
+                # CPUs for them; the driver starts a worker again if a slot is freed.
+                return ran
+            torch.set_num_threads(space.resources.threads_per_worker)
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                study.optimize(run_trial, n_trials=1, catch=(Exception,), gc_after_trial=True)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
                 # Another worker declared this trial stale (a heartbeat came too late) and
                 # failed it; its retry is queued, so this worker carries on.
@@ -191,8 +331,24 @@ def worker_loop(space_text: str, source: str | None, opts: RunOptions, rank: int
         engine.dispose()
 
 
+def _share_threads(study: optuna.Study, opts: RunOptions, space: SearchSpace) -> None:
+    """Spread this run's CPU threads over its running trials: a trial left running alone after
+    the other workers exited takes their threads."""
+    running = sum(1 for t in run_trials(study, opts.run_id) if t.state == TrialState.RUNNING)
+    total = space.resources.threads_per_worker * opts.workers
+    torch.set_num_threads(max(space.resources.threads_per_worker, total // max(1, running)))
+
+
+def _worker_task(space_text: str, source: str | None, opts: RunOptions,
+                 rank: int) -> tuple[int, float]:
+    """A Ray worker: ``worker_loop`` and how long it lived (for the summary's overhead)."""
+    started = time.perf_counter()
+    ran = worker_loop(space_text, source, opts, rank)
+    return ran, time.perf_counter() - started
+
+
 def max_failures(trials: int) -> int:
-    """Failed attempts (exceptions, dead workers) after which a search gives up."""
+    """Failed attempts of one run (exceptions, dead workers) after which a search gives up."""
     return max(3, trials)
 
 
@@ -236,6 +392,39 @@ def _start_ray(address: str | None, opts: RunOptions, space: SearchSpace):
     return ray
 
 
+def check_folder(path: Path, flag: str) -> None:
+    """Create ``path`` and write a probe file in it, or refuse naming ``flag``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".hybridlab-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(flag, f"cannot write to {path}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``_Stop`` in the driver (once; later ones are ignored while it
+    cleans up). Only the main thread may install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_search(
     space_path: str | Path,
     *,
@@ -247,62 +436,73 @@ def run_search(
     runs_dir: str | Path = "runs",
     heartbeat_interval: int = 10,
     grace_period: int = 30,
+    allow_space_change: bool = False,
     echo: Callable[[str], Any] = print,
 ) -> SearchSummary:
-    """Validate the space, create the study and tables, run the Ray workers, summarise."""
+    """Validate the space, create the study and tables, run the Ray workers, summarise.
+
+    Everything that can be refused (options, space, folders, storage, a changed space) is
+    checked before Ray starts.
+    """
     path = Path(space_path)
     space = load_space(path)
     space_text = path.read_text()
+    for flag, value in (("--trials", trials), ("--workers", workers),
+                        ("--heartbeat-interval", heartbeat_interval),
+                        ("--grace-period", grace_period)):
+        if value is not None and value < 1:
+            raise ConfigError(flag, f"must be at least 1, got {value}")
+    if grace_period < 2 * heartbeat_interval:
+        raise ConfigError("--grace-period", f"{grace_period} s must be at least twice "
+                          f"--heartbeat-interval ({heartbeat_interval} s), or live trials are "
+                          "declared dead")
     runs = Path(runs_dir).resolve()
     name = study or space.name
     url = storage_url or default_sqlite_url(name, runs)
     opts = RunOptions(
-        study=name, storage_url=url, trials=trials or space.trials,
-        workers=workers or space.workers, artifacts_dir=runs / name,
+        study=name, storage_url=url, trials=space.trials if trials is None else trials,
+        workers=space.workers if workers is None else workers, artifacts_dir=runs / name,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        allow_space_change=allow_space_change,
     )
-    if opts.trials < 1 or opts.workers < 1:
-        raise ValueError("--trials and --workers must be at least 1")
-    if grace_period < 2 * heartbeat_interval:
-        raise ValueError(f"--grace-period ({grace_period} s) must be at least twice "
-                         f"--heartbeat-interval ({heartbeat_interval} s), or live trials are "
-                         "declared dead")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Each check creates nothing when it fails; the default database lives in --runs-dir, so
+    # that flag is named first.
+    checks = [lambda: check_storage(url), lambda: check_folder(opts.artifacts_dir, "--runs-dir")]
+    for check in checks if storage_url else reversed(checks):
+        check()
     started = time.perf_counter()
-    # Ray first: a multi-node cluster with SQLite is refused before any database is created.
-    ray = _start_ray(ray_address, opts, space)
-    errors: list[str] = []
-    try:
+    if not ray_address:
+        # A local Ray cannot span nodes, so the study is created first and a refusal (a changed
+        # space) costs no Ray start. A cluster is asked first whether SQLite can serve it.
         optuna_study = prepare_study(space, space_text, opts)
-        echo(f"study {name!r} in {url}: {opts.trials} trials, {opts.workers} workers, "
-             f"objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
-        remote = ray.remote(max_retries=MAX_WORKER_RESTARTS)(worker_loop).options(
-            num_cpus=space.resources.cpus_per_worker, num_gpus=space.resources.gpus_per_worker)
-        pending = [remote.remote(space_text, str(path), opts, rank)
-                   for rank in range(opts.workers)]
-        last = ""
-        while pending:
-            done, pending = ray.wait(pending, timeout=opts.poll_seconds)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as err:  # a worker that exhausted its restarts
-                    errors.append(str(err).splitlines()[0])
-            line = progress_line(optuna_study, opts.trials, started)
-            if line.split("]", 1)[1] != last:
-                echo(line)
-                last = line.split("]", 1)[1]
+    ray = _start_ray(ray_address, opts, space)
+    try:
+        if ray_address:
+            optuna_study = prepare_study(space, space_text, opts)
+        opts = begin_run(opts)
+        echo(f"study {name!r} in {display_url(url)}: {opts.trials} trials, {opts.workers} "
+             f"workers, objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
+        with _stop_on_signals():
+            try:
+                errors, worker_seconds = _drive(ray, space, space_text, str(path), opts,
+                                                optuna_study, started, echo)
+            except _Stop as stop:
+                _stop_run(ray, optuna_study, opts)
+                finished = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
+                raise SearchInterrupted(stop.signum, finished, opts.trials) from None
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
     wall = time.perf_counter() - started
-    summary = summarise(optuna_study, opts, wall)
+    summary = summarise(optuna_study, opts, wall, worker_seconds)
     if errors:
         echo("worker errors: " + "; ".join(errors))
     if summary.finished < opts.trials:
-        raise RuntimeError(f"search stopped with {summary.finished} of {opts.trials} trials "
-                           f"finished after {summary.failed} failed attempts; last failure: "
-                           f"{last_failure(opts)}; worker errors: {errors or 'none'}")
+        raise StorageError(
+            f"search stopped with {summary.finished} of {opts.trials} trials finished after "
+            f"{summary.failed} failed attempts in this run; last failure: {last_failure(opts)}; "
+            f"worker errors: {errors or 'none'}")
     if space.lm_eval is not None and summary.complete:
         from hybridlab.evaluation.run import evaluate_top_trials
 
@@ -312,21 +512,93 @@ def run_search(
     return summary
 
 
+def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptions,
+           study: optuna.Study, started: float,
+           echo: Callable[[str], Any]) -> tuple[list[str], float]:
+    """Run the workers to the end; (worker errors, summed worker lifetimes in seconds)."""
+    remote = ray.remote(max_retries=MAX_WORKER_RESTARTS)(_worker_task).options(
+        num_cpus=space.resources.cpus_per_worker, num_gpus=space.resources.gpus_per_worker)
+    launched: dict[Any, float] = {}
+
+    def launch(rank: int) -> Any:
+        ref = remote.remote(space_text, source, opts, rank)
+        launched[ref] = time.perf_counter()
+        return ref
+
+    pending = [launch(rank) for rank in range(opts.workers)]
+    next_rank = opts.workers
+    errors: list[str] = []
+    worker_seconds = 0.0
+    last = ""
+    while pending:
+        done, pending = ray.wait(pending, timeout=opts.poll_seconds)
+        for ref in done:
+            try:
+                worker_seconds += ray.get(ref)[1]
+            except Exception as err:  # a worker that exhausted its restarts
+                errors.append(str(err).splitlines()[0])
+                worker_seconds += time.perf_counter() - launched[ref]
+        line = progress_line(study, opts.trials, started)
+        if line.split("]", 1)[1] != last:
+            echo(line)
+            last = line.split("]", 1)[1]
+        if done and len(pending) < opts.workers and next_rank < RANKS_PER_RUN \
+                and _work_left(study, opts):
+            # A worker exited while every slot was claimed, and one was freed since (a trial
+            # failed): start one again, with a fresh rank so its sampler does not replay.
+            pending.append(launch(next_rank))
+            next_rank += 1
+    return errors, worker_seconds
+
+
+def _work_left(study: optuna.Study, opts: RunOptions) -> bool:
+    """Whether a free slot remains for a new worker, and this run has not given up."""
+    trials = study.get_trials(deepcopy=False)
+    if sum(t.state in FINISHED for t in trials) >= opts.trials:
+        return False
+    mine = [t for t in trials if t.user_attrs.get(RUN_ATTR) == opts.run_id]
+    if sum(t.state == TrialState.FAIL for t in mine) >= max_failures(opts.trials):
+        return False
+    with open_engine(opts.storage_url) as engine:
+        claimed = transaction(engine, lambda session: session.scalar(
+            sa.select(sa.func.count()).select_from(Slot).where(Slot.study == opts.study)))
+    return claimed < opts.trials
+
+
+def _stop_run(ray, study: optuna.Study, opts: RunOptions) -> None:
+    """Stop this run's workers, then fail its RUNNING trials and their candidates as
+    interrupted (a rerun resumes: failed trials free their slots)."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    storage = study._storage
+    stopped = []
+    for t in run_trials(study, opts.run_id):
+        if t.state == TrialState.RUNNING:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                stopped.append(t.number)
+    with open_engine(opts.storage_url) as engine:
+        transaction(engine, lambda session: Candidate.fail_unfinished(
+            session, opts.study, stopped, INTERRUPTED))
+
+
 def last_failure(opts: RunOptions) -> str:
     """The reason recorded for the newest failed candidate (see ``Objective``), if any."""
-    with open_engine(opts.storage_url) as engine, session_scope(engine) as session:
-        reason = Candidate.newest_reason(session, opts.study, CandidateStatus.FAILED)
+    with open_engine(opts.storage_url) as engine:
+        reason = transaction(engine, lambda session: Candidate.newest_reason(
+            session, opts.study, CandidateStatus.FAILED))
     return reason or "none recorded (a worker died?)"
 
 
-def summarise(study: optuna.Study, opts: RunOptions, wall: float) -> SearchSummary:
+def summarise(study: optuna.Study, opts: RunOptions, wall: float,
+              worker_seconds: float) -> SearchSummary:
     trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get(RUN_ATTR) == opts.run_id]
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    failed = sum(t.state == TrialState.FAIL for t in trials)
-    train_seconds = sum(float(t.user_attrs.get("train_seconds", 0.0)) for t in trials)
+    failed = sum(t.state == TrialState.FAIL for t in mine)
+    train_seconds = sum(float(t.user_attrs.get("train_seconds", 0.0)) for t in mine)
     return SearchSummary(study=opts.study, storage_url=opts.storage_url,
                          finished=complete + pruned, complete=complete, pruned=pruned,
                          failed=failed, wall_seconds=wall, train_seconds=train_seconds,
-                         workers=opts.workers)
-
+                         workers=opts.workers, worker_seconds=worker_seconds)

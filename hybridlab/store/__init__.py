@@ -6,7 +6,9 @@ Search, evaluation, export and the dashboard all import this package; it imports
 from hybridlab.store.engine import (
     SQLITE_BUSY_TIMEOUT_S,
     StorageError,
+    check_storage,
     create_tables,
+    creation_lock,
     default_sqlite_url,
     display_url,
     engine_kwargs,
@@ -18,6 +20,7 @@ from hybridlab.store.engine import (
     require_database,
     session_scope,
     sqlite_path,
+    transaction,
     worker_id,
 )
 from hybridlab.store.models import (
@@ -31,9 +34,12 @@ from hybridlab.store.models import (
     CandidateStatus,
     CurvePoint,
     Evaluation,
+    GenomeClaim,
+    Run,
     SchemaVersion,
     Slot,
 )
+from hybridlab.store.retry import RetryingRDBStorage, is_transient, retrying
 from hybridlab.store.studies import (
     TrialWeights,
     best_trials,
@@ -49,9 +55,11 @@ from hybridlab.store.studies import (
 __all__ = [
     "CHECKPOINT_KIND", "NOTED", "SCHEMA_VERSION", "SQLITE_BUSY_TIMEOUT_S", "WITH_WEIGHTS",
     "Artifact", "Base", "Candidate", "CandidateStatus", "CurvePoint", "Evaluation",
-    "SchemaVersion", "Slot", "StorageError", "TrialWeights", "best_trials", "create_tables",
-    "default_sqlite_url", "display_url", "engine_kwargs", "is_sqlite", "load_study",
-    "make_engine", "open_engine", "optuna_storage", "readonly_engine_kwargs", "readonly_url",
-    "require_database", "resolve_study", "session_scope", "set_trial_user_attrs", "sqlite_path",
-    "study_names", "top_trials", "trial_weights", "worker_id",
+    "GenomeClaim", "RetryingRDBStorage", "Run", "SchemaVersion", "Slot", "StorageError",
+    "TrialWeights", "best_trials", "check_storage", "create_tables", "creation_lock",
+    "default_sqlite_url", "display_url", "engine_kwargs", "is_sqlite", "is_transient",
+    "load_study", "make_engine", "open_engine", "optuna_storage", "readonly_engine_kwargs",
+    "readonly_url", "require_database", "resolve_study", "retrying", "session_scope",
+    "set_trial_user_attrs", "sqlite_path", "study_names", "top_trials", "transaction",
+    "trial_weights", "worker_id",
 ]

@@ -8,12 +8,16 @@ server costs a reconnect, not a crash.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
+import sqlite3
+import tempfile
 import urllib.parse
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -22,8 +26,12 @@ from sqlalchemy.orm import Session
 
 from hybridlab.errors import HybridlabError
 from hybridlab.store.models import SCHEMA_VERSION, Base, SchemaVersion
+from hybridlab.store.retry import retrying
 
 SQLITE_BUSY_TIMEOUT_S = 60
+# A PostgreSQL host that drops packets would otherwise hang a connection attempt for minutes.
+CONNECT_TIMEOUT_S = 10
+T = TypeVar("T")
 
 
 class StorageError(HybridlabError, RuntimeError):
@@ -47,6 +55,8 @@ def engine_kwargs(url: str) -> dict[str, Any]:
     """Engine settings shared by hybridlab's engine and Optuna's RDBStorage."""
     if is_sqlite(url):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if sa.engine.make_url(url).get_backend_name() == "postgresql":
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     return {"pool_pre_ping": True}
 
 
@@ -67,7 +77,8 @@ def readonly_engine_kwargs(url: str) -> dict[str, Any]:
     if sa.engine.make_url(url).get_backend_name() == "postgresql":
         # The server refuses any write in these sessions, whatever a library above tries.
         return {"pool_pre_ping": True,
-                "connect_args": {"options": "-c default_transaction_read_only=on"}}
+                "connect_args": {"options": "-c default_transaction_read_only=on",
+                                 "connect_timeout": CONNECT_TIMEOUT_S}}
     return {"pool_pre_ping": True}
 
 
@@ -120,7 +131,11 @@ def open_engine(url: str) -> Iterator[Engine]:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create hybridlab's tables (idempotent) and check or record the schema version."""
+    """Create hybridlab's tables (idempotent) and check or record the schema version.
+
+    Two processes creating them at once is safe under :func:`creation_lock`; without it, a
+    concurrent creation can still fail, so callers that race hold the lock.
+    """
     Base.metadata.create_all(engine)
     with session_scope(engine) as session:
         versions = session.scalars(sa.select(SchemaVersion.version)).all()
@@ -131,6 +146,97 @@ def create_tables(engine: Engine) -> None:
                 f"database schema version {max(versions)} but this hybridlab writes version "
                 f"{SCHEMA_VERSION}; use a new database or migrate"
             )
+
+
+# pg_advisory_lock key of schema and study creation (any constant; this one names its purpose).
+_CREATION_LOCK_KEY = zlib.crc32(b"hybridlab: create tables and studies")
+
+
+@contextlib.contextmanager
+def creation_lock(engine: Engine) -> Iterator[None]:
+    """Serialise creating tables and studies among processes sharing one database.
+
+    Neither SQLAlchemy's ``create_all`` nor Optuna's ``create_study`` is safe against a second
+    process doing the same at the same moment ("table already exists", a unique violation).
+    PostgreSQL: a session advisory lock held on a dedicated connection; SQLite: an ``fcntl``
+    lock on ``<database>.lock`` beside the file (SQLite's own lock is per transaction, and
+    ``create_all`` spans several).
+    """
+    backend = engine.url.get_backend_name()
+    database = engine.url.database
+    if backend == "sqlite" and database and database != ":memory:":
+        with Path(f"{database}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        return
+    if backend != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": _CREATION_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            # The lock dies with the session anyway; a broken connection must not hide the
+            # error that ended the work.
+            with contextlib.suppress(sa.exc.DBAPIError):
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"),
+                             {"key": _CREATION_LOCK_KEY})
+                conn.commit()
+
+
+def check_storage(url: str) -> None:
+    """Refuse a database that cannot be reached or written, before anything starts; creates
+    nothing (a SQLite file is probed through its folder, PostgreSQL through a rolled-back
+    ``CREATE TABLE``)."""
+    shown = display_url(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as err:
+        raise StorageError(f"storage URL {url!r} is not a database URL: {err}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            return
+        path = sqlite_path(url)
+        try:
+            if path.exists():
+                uri = "file:" + urllib.parse.quote(str(path)) + "?mode=rw"
+                con = sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    con.rollback()
+                finally:
+                    con.close()
+                return
+            folder = next(p for p in path.parents if p.exists())
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".hybridlab-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except (OSError, sqlite3.Error) as err:
+            raise StorageError(f"cannot write the SQLite database {shown} ({path}): "
+                               f"{getattr(err, 'strerror', None) or err}") from None
+        return
+    try:
+        with open_engine(url) as engine, engine.connect() as conn:
+            probe = f"hl_write_probe_{os.getpid()}"
+            with conn.begin() as tx:
+                conn.execute(sa.text(f"CREATE TABLE {probe} (x integer)"))
+                tx.rollback()
+    except sa.exc.DBAPIError as err:
+        first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise StorageError(f"cannot use the study database {shown}: {first}") from None
+
+
+def transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+    """``work(session)`` in one committed transaction, run again after a transient database
+    error (see :mod:`hybridlab.store.retry`); ``work`` must be safe to repeat."""
+
+    def attempt(_attempt: int) -> T:
+        with session_scope(engine) as session:
+            return work(session)
+
+    return retrying(attempt)
 
 
 @contextlib.contextmanager

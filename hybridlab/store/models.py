@@ -109,6 +109,18 @@ class Candidate(Base):
         ).order_by(cls.trial.desc()).limit(1)).first()
 
     @classmethod
+    def fail_unfinished(cls, session: Session, study: str, trials: list[int],
+                        reason: str) -> int:
+        """Mark the candidates of failed trials that still say running; returns how many."""
+        if not trials:
+            return 0
+        result = session.execute(sa.update(cls).where(
+            cls.study == study, cls.trial.in_(trials),
+            cls.status == CandidateStatus.RUNNING.value,
+        ).values(status=CandidateStatus.FAILED.value, reason=reason, updated_at=_now()))
+        return result.rowcount
+
+    @classmethod
     def studies(cls, session: Session) -> list[str]:
         return sorted(session.scalars(sa.select(cls.study).distinct()).all())
 
@@ -178,4 +190,53 @@ class Slot(Base):
     trial: Mapped[int | None]
     owner: Mapped[str] = mapped_column(sa.String(255))
     # Unix seconds: comparable across hosts and database time zones (a naive timestamp is not).
+    claimed_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
+
+
+class Run(Base):
+    """One ``hybridlab search`` invocation on a study (a driver), numbered in starting order.
+
+    Its ``run_id`` marks the trials it ran (trial user attribute ``run``), so the give-up rule and
+    an interrupted run's clean-up see only this run's trials; its ``number`` picks a block of
+    sampler seeds (see ``hybridlab.search.runner``) so a restart or a second driver never replays
+    an earlier run's proposals.
+    """
+
+    __tablename__ = "hl_run"
+    study: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    number: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    workers: Mapped[int]
+    owner: Mapped[str] = mapped_column(sa.String(255))
+    started_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
+
+    @classmethod
+    def begin(cls, session: Session, study: str, run_id: str, workers: int, owner: str) -> int:
+        """Record a run starting now (or find it, when a retried call had committed); its number.
+
+        Two drivers starting together both pick the next number; the loser's commit fails on the
+        primary key and the caller repeats this.
+        """
+        mine = session.scalars(sa.select(cls.number).where(cls.run_id == run_id)).first()
+        if mine is not None:
+            return mine
+        last = session.scalars(sa.select(sa.func.max(cls.number))
+                               .where(cls.study == study)).first()
+        number = 0 if last is None else last + 1
+        session.add(cls(study=study, number=number, run_id=run_id, workers=workers, owner=owner))
+        return number
+
+
+class GenomeClaim(Base):
+    """The trial training a genome now: a second trial of that genome waits for its result.
+
+    A claim is live while its trial is RUNNING in Optuna (whose heartbeats say whether its worker
+    lives); a claim whose trial ended without a trained result is taken over.
+    """
+
+    __tablename__ = "hl_genome_claim"
+    study: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    genome_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    trial: Mapped[int]
+    owner: Mapped[str] = mapped_column(sa.String(255))
     claimed_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)

@@ -1,0 +1,152 @@
+"""Riding out a database outage: one retry rule for hybridlab's sessions and Optuna's storage.
+
+A restarted PostgreSQL server (``pg_ctl restart``: under a second; a stop/start: tens of seconds)
+breaks every pooled connection and refuses new ones until it is back. ``pool_pre_ping`` replaces a
+broken connection; :func:`retrying` waits out the refusals with backoff for up to
+``RETRY_SECONDS``. Only transient errors are retried (a lost or refused connection, a locked
+SQLite file); a constraint violation or a bad query fails at once.
+
+A retried write may have committed before its connection broke, so the non-idempotent calls of
+:class:`RetryingRDBStorage` check what the first attempt left before repeating it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models as optuna_models
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+T = TypeVar("T")
+
+# Longer than the outages a search must survive (30 s) plus the reconnect.
+RETRY_SECONDS = 60.0
+FIRST_DELAY_S = 0.2
+MAX_DELAY_S = 5.0
+# Marks a trial with the id of the call that created it, so a retried creation finds it.
+CREATION_TOKEN = "hl_creation_token"
+
+
+def is_transient(err: BaseException) -> bool:
+    """A lost, refused or locked connection: the same call may succeed a moment later."""
+    if isinstance(err, optuna.exceptions.StorageInternalError):
+        return err.__cause__ is not None and is_transient(err.__cause__)
+    if isinstance(err, sa.exc.DBAPIError):
+        return err.connection_invalidated or isinstance(
+            err, sa.exc.OperationalError | sa.exc.InterfaceError)
+    return False
+
+
+def retrying(work: Callable[[int], T], *, seconds: float = RETRY_SECONDS) -> T:
+    """``work(attempt)`` (attempt 0, 1, ...), repeated after transient errors for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    delay = FIRST_DELAY_S
+    attempt = 0
+    while True:
+        try:
+            return work(attempt)
+        except Exception as err:
+            if not is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_DELAY_S)
+        attempt += 1
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return retrying(lambda _attempt: method(self, *args, **kwargs))
+
+    call.__name__ = name
+    call.__doc__ = method.__doc__
+    return call
+
+
+class RetryingRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose calls ride out database outages (see the module docstring).
+
+    Reads and upserts (attributes, intermediate values, heartbeats) are repeated as they are;
+    creating a study, a trial and changing a trial's state look first for the effect of an
+    attempt that committed before its connection broke.
+    """
+
+    def create_new_study(self, directions: Sequence[StudyDirection],
+                         study_name: str | None = None) -> int:
+        def attempt(n: int) -> int:
+            if n and study_name is not None:
+                try:
+                    return RDBStorage.get_study_id_from_name(self, study_name)
+                except KeyError:
+                    pass
+            return RDBStorage.create_new_study(self, directions, study_name)
+
+        return retrying(attempt)
+
+    def _create_new_trial(self, study_id: int,
+                          template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        token = uuid.uuid4().hex
+        if template_trial is None:
+            template_trial = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                datetime_complete=None, params={}, distributions={}, user_attrs={},
+                system_attrs={}, intermediate_values={}, trial_id=-1)
+        template = FrozenTrial(
+            number=template_trial.number, state=template_trial.state, value=None,
+            values=template_trial.values, datetime_start=template_trial.datetime_start,
+            datetime_complete=template_trial.datetime_complete, params=template_trial.params,
+            distributions=template_trial.distributions, user_attrs=template_trial.user_attrs,
+            system_attrs={**template_trial.system_attrs, CREATION_TOKEN: token},
+            intermediate_values=template_trial.intermediate_values,
+            trial_id=template_trial._trial_id)
+
+        def attempt(n: int) -> FrozenTrial:
+            if n:
+                created = self._trial_with_token(token)
+                if created is not None:
+                    return self.get_trial(created)
+            return RDBStorage._create_new_trial(self, study_id, template)
+
+        return retrying(attempt)
+
+    def _trial_with_token(self, token: str) -> int | None:
+        attrs = optuna_models.TrialSystemAttributeModel
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(attrs.trial_id).where(
+                attrs.key == CREATION_TOKEN,
+                attrs.value_json == json.dumps(token))).scalar_one_or_none()
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        def attempt(n: int) -> bool:
+            if n:
+                # A retry finding the state it asked for: the first attempt committed. (For
+                # WAITING -> RUNNING another worker may have taken the trial in between; it then
+                # runs twice, which beats leaving it RUNNING with no worker and no heartbeat.)
+                current = RDBStorage.get_trial(self, trial_id)
+                if current.state == state and (values is None or current.values == list(values)):
+                    return True
+            return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return retrying(attempt)
+
+
+for _name in (
+    "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+    "get_study_system_attrs", "get_all_studies", "_set_trial_param", "get_trial_param",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "_get_trials", "_get_best_trial_id",
+    "record_heartbeat", "_get_stale_trial_ids",
+):
+    setattr(RetryingRDBStorage, _name, _retried(_name))

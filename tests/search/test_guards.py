@@ -1,0 +1,141 @@
+"""What `hybridlab search` refuses before Ray starts, and the runner's rules tested in-process."""
+
+import os
+import tracemalloc
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+from optuna.trial import TrialState
+
+from hybridlab.cli import main
+from hybridlab.search import runner
+from hybridlab.search.space import parse_space
+from hybridlab.store import Slot, make_engine, session_scope
+
+TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
+
+
+@pytest.fixture
+def space_file(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(TINY_SPACE)
+    return path
+
+
+def search(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["search", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--trials", "--workers", "--heartbeat-interval",
+                                  "--grace-period"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_counts_and_intervals_below_one_are_refused_naming_the_flag(space_file, capsys, flag,
+                                                                    value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", str(space_file), flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be at least 1, got {value}" in err
+
+
+def test_run_search_refuses_zero_trials_instead_of_using_the_space_default(space_file, tmp_path):
+    with pytest.raises(runner.ConfigError, match="--trials: must be at least 1, got 0"):
+        runner.run_search(space_file, trials=0, runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_claiming_a_slot_of_a_huge_study_does_not_list_free_slots(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=10**6, workers=1,
+                             artifacts_dir=tmp_path)
+    runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            session.add_all([Slot(study="tiny", slot=i, owner="x") for i in (0, 1, 3)])
+        tracemalloc.start()
+        claimed = [runner._claim_slot(engine, opts), runner._claim_slot(engine, opts)]
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        engine.dispose()
+    assert claimed == [2, 4]
+    assert peak < 2 * 1024**2
+
+
+@pytest.mark.parametrize("case", ["postgres-unreachable", "sqlite-unwritable", "runs-dir",
+                                  "infinite-cpus"])
+def test_unusable_storage_folder_or_space_is_refused_before_ray_starts(
+        tmp_path, capsys, monkeypatch, space_file, case):
+    monkeypatch.chdir(tmp_path)
+    before = set(os.listdir(tmp_path))
+    args = [str(space_file)]
+    if case == "postgres-unreachable":
+        # A port nothing listens on (the kernel refuses at once).
+        url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+        args += ["--storage", url]
+        expected = "cannot use the study database postgresql+psycopg://nobody@127.0.0.1:1/none"
+    elif case == "sqlite-unwritable":
+        args += ["--storage", "sqlite:////proc/x.db"]
+        expected = "cannot write the SQLite database sqlite:////proc/x.db"
+    elif case == "runs-dir":
+        args += ["--runs-dir", "/proc/hybridlab-runs"]
+        expected = "--runs-dir: cannot write to /proc/hybridlab-runs/tiny"
+    else:
+        space_file.write_text(TINY_SPACE.replace("cpus_per_worker: 1", "cpus_per_worker: .inf"))
+        expected = "resources.cpus_per_worker"
+    code, err = search(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridlab search: error: "), err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_changed_space_is_refused_with_a_diff_unless_allowed(tmp_path, space_file, capsys,
+                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opts = runner.RunOptions(study="tiny", storage_url=f"sqlite:///{tmp_path / 'runs/tiny.db'}",
+                             trials=4, workers=1, artifacts_dir=tmp_path)
+    runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    # Comments, layout and how-to-run keys may change: the same search resumes.
+    reformatted = "# resumed\n" + TINY_SPACE.replace("trials: 4", "trials: 9").replace(
+        "mamba1: {d_state: [4, 8]}", "mamba1:\n    d_state: [4, 8]")
+    runner.prepare_study(parse_space(reformatted), reformatted, opts)
+
+    changed = TINY_SPACE.replace("d_model: 32", "d_model: 48")
+    space_file.write_text(changed)
+    code, err = search(capsys, str(space_file), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 2
+    assert "study 'tiny'" in err and "--allow-space-change" in err
+    assert "-  d_model: 32" in err and "+  d_model: 48" in err
+    assert not ray.is_initialized()
+    study = optuna.load_study(study_name="tiny", storage=opts.storage_url)
+    assert study.user_attrs["space"] == reformatted
+
+    allowed = runner.RunOptions(**{**opts.__dict__, "allow_space_change": True})
+    runner.prepare_study(parse_space(changed), changed, allowed)
+    study = optuna.load_study(study_name="tiny", storage=opts.storage_url)
+    assert study.user_attrs["space"] == changed
+
+
+def test_give_up_rule_counts_only_this_runs_failures(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    space = parse_space(TINY_SPACE)
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=2, workers=1,
+                             artifacts_dir=tmp_path, poll_seconds=0.01, heartbeat_interval=1,
+                             grace_period=2)
+    study = runner.prepare_study(space, TINY_SPACE, opts)
+    # Four trials left FAIL by earlier, interrupted runs.
+    for _ in range(4):
+        trial = study.ask()
+        trial.set_user_attr(runner.RUN_ATTR, "an-earlier-run")
+        study.tell(trial, state=TrialState.FAIL)
+    opts = runner.begin_run(opts)
+    assert runner.worker_loop(TINY_SPACE, None, opts, 0) == 2
+    assert len(study.get_trials(states=runner.FINISHED)) == 2
