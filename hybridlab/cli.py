@@ -13,10 +13,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import yaml
 
 from hybridlab import __version__, code_version
-from hybridlab.config import ArchConfig, ConfigError, load_yaml_with_lines
+from hybridlab.config import (
+    ArchConfig,
+    ConfigError,
+    line_for,
+    load_yaml_file,
+    load_yaml_with_lines,
+)
 from hybridlab.cost import cost_report, measure_tokens_per_second
 from hybridlab.errors import HybridlabError
 from hybridlab.evaluation.run import add_eval_arguments, eval_command
@@ -84,7 +89,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def _parse_value(text: str) -> object:
     """A command-line value as YAML reads it: 4 -> int, 0.5 -> float, true -> bool."""
-    return yaml.safe_load(text)
+    return load_yaml_with_lines(text, source="<command line>")[0]
 
 
 def _options(pairs: Sequence[str], flag: str) -> dict[str, object]:
@@ -99,15 +104,19 @@ def _options(pairs: Sequence[str], flag: str) -> dict[str, object]:
 
 def load_train_config(path: str | None, overrides: dict[str, object]) -> TrainConfig:
     data: dict[str, object] = {}
+    lines: dict[str, int] = {}
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError("<file>", "no such file", source=path)
-        loaded, _ = load_yaml_with_lines(Path(path).read_text(), source=path)
+        loaded, lines = load_yaml_file(path)
         if not isinstance(loaded, dict):
             raise ConfigError("<document>", "must be a mapping of train settings", source=path)
         data.update(loaded)
     data.update(overrides)
-    return TrainConfig.from_dict(data, source=path)
+    try:
+        return TrainConfig.from_dict(data, source=path)
+    except ConfigError as err:
+        # The file's keys are top-level fields; the error names them as train.<field>.
+        line = line_for(err.field.removeprefix("train."), lines)
+        raise ConfigError(err.field, err.message, source=path, line=line) from None
 
 
 def _slug(text: str) -> str:
