@@ -29,6 +29,7 @@ from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
 from hybridlab.train import TrainConfig, train
+from hybridlab.units import format_bytes
 from hybridlab_dashboard import add_dashboard_arguments, dashboard_command
 
 
@@ -44,15 +45,6 @@ def load_arch(spec: str) -> ArchConfig:
     return ArchConfig.load(spec)
 
 
-def _bytes(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    scale = 0
-    while n >= 1024 and scale < len(units) - 1:
-        n /= 1024
-        scale += 1
-    return f"{n:.0f} B" if scale == 0 else f"{n:.1f} {units[scale]}"
-
-
 def inspect(args: argparse.Namespace) -> int:
     """Build an architecture, print its cost per layer, run it and decode a few tokens."""
     config = load_arch(args.config)
@@ -64,10 +56,10 @@ def inspect(args: argparse.Namespace) -> int:
         f" {'state@' + str(c):>13}" for c in contexts)
     print(header)
     for i, layer in enumerate(reports[0].layers):
-        states = "".join(f" {_bytes(r.layers[i].state_bytes):>13}" for r in reports)
+        states = "".join(f" {format_bytes(r.layers[i].state_bytes):>13}" for r in reports)
         print(f"{i:>3} {layer.type:<10} {layer.params:>10,} {layer.flops_per_token:>12,.0f}"
               + states)
-    totals = "".join(f" {_bytes(r.state_bytes):>13}" for r in reports)
+    totals = "".join(f" {format_bytes(r.state_bytes):>13}" for r in reports)
     print(f"{'':>3} {'total':<10} {reports[0].params:>10,} "
           f"{reports[0].flops_per_token:>12,.0f}{totals}")
     print("(state: bf16 cache, fp32 SSM state, one sequence; FLOPs: forward at the first context)")

@@ -27,7 +27,7 @@ from hybridlab_dashboard.data import DatabaseUnavailable, StudyDatabase, Unknown
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "units.js": "text/javascript", "style.css": "text/css"}
 OPTUNA_PATHS = ("/dashboard", "/api/", "/static/", "/csv/")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "

@@ -40,6 +40,7 @@ from hybridlab.store import (
     resolve_study,
     sqlite_path,
 )
+from hybridlab.units import UNIT_RULES
 
 Direction = Literal["minimize", "maximize"]
 # Quality is plotted against these costs; each has the direction in which it is better.
@@ -270,6 +271,7 @@ class StudyDatabase:
             "objectives": objectives,
             "quality_metrics": quality,
             "cost_axes": COST_AXES,
+            "units": UNIT_RULES,
             "state_context": next((c.state_context for c in candidates.values()
                                    if c.state_context), None),
             "counts": counts,

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from hybridlab.store import NOTED, Candidate, load_study, open_engine, resolve_study, session_scope
+from hybridlab.units import format_bytes, format_count
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
+def _cell(n: float | None, fmt: Callable[[float], str]) -> str:
+    return "-" if n is None else fmt(n)
 
 
 def study_table(study: str | None, storage: str | None, *, runs_dir: str | Path = "runs") -> str:
@@ -36,8 +32,9 @@ def study_table(study: str | None, storage: str | None, *, runs_dir: str | Path 
         lines.append([
             str(t.number), t.state.name.lower(),
             (c.pattern if c and c.pattern else t.user_attrs.get("pattern", "-")),
-            _size(c.params if c else None), _size(c.state_bytes if c else None),
-            _size(c.tokens_per_second if c else None), *values, note[:60],
+            _cell(c.params if c else None, format_count),
+            _cell(c.state_bytes if c else None, format_bytes),
+            _cell(c.tokens_per_second if c else None, format_count), *values, note[:60],
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     text = [f"study {name} ({url}): {len(lines) - 1} trials"]

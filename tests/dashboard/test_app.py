@@ -71,8 +71,9 @@ def test_json_endpoints(synthetic_app, client, synthetic):
         "default": "demo",
     }
     study = client(synthetic_app, "/hl/api/study?name=demo").json()
-    assert set(study) == {"study", "objectives", "quality_metrics", "cost_axes", "state_context",
-                          "counts", "best", "fronts", "trials", "evaluations", "revision"}
+    assert set(study) == {"study", "objectives", "quality_metrics", "cost_axes", "units",
+                          "state_context", "counts", "best", "fronts", "trials", "evaluations",
+                          "revision"}
     assert study["cost_axes"] == {"state_bytes": "minimize", "params": "minimize",
                                   "tokens_per_second": "maximize"}
     assert len(study["trials"]) == len(made) + 2

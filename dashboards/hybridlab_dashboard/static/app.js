@@ -40,20 +40,9 @@ function build(node, attrs, children) {
 const h = (tag, attrs = {}, ...children) => build(document.createElement(tag), attrs, children);
 const s = (tag, attrs = {}, ...children) => build(document.createElementNS(SVG_NS, tag), attrs, children);
 
-function count(n) {
-  if (n === null || n === undefined) return "–";
-  const units = ["", "k", "M", "G", "T"];
-  let i = 0;
-  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
-  return i ? `${+n.toFixed(n < 10 ? 2 : 1)}${units[i]}` : `${Math.round(n)}`;
-}
-function bytes(n) {
-  if (n === null || n === undefined) return "–";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
-  return i ? `${+n.toFixed(n < 10 ? 2 : 1)} ${units[i]}` : `${Math.round(n)} B`;
-}
+// Sizes as hybridlab writes them everywhere (units.js, with the rule the study's JSON carries).
+function count(n) { return n === null || n === undefined ? "–" : formatScaled(n, view.data.units.count); }
+function bytes(n) { return n === null || n === undefined ? "–" : formatScaled(n, view.data.units.bytes); }
 // Objectives may be costs (state bytes, parameters): those read better in their own units.
 function formatMetric(name, value) {
   return (AXES[name]?.format || num)(value ?? null);
