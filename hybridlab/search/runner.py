@@ -134,8 +134,8 @@ class SearchInterrupted(HybridlabError):
 
 
 class _Stop(BaseException):
-    """Raised in the driver by SIGINT/SIGTERM; a BaseException so no ``except Exception`` eats
-    it before the driver cleans up."""
+    """The driver loop saw SIGINT/SIGTERM; a BaseException so no ``except Exception`` eats it
+    before the driver cleans up."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -403,23 +403,23 @@ def check_folder(path: Path, flag: str) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise ``_Stop`` in the driver (once; later ones are ignored while it
-    cleans up). Only the main thread may install handlers; elsewhere nothing changes."""
+def _stop_on_signals() -> Iterator[list[int]]:
+    """Collect SIGINT and SIGTERM in the yielded list instead of dying; the driver loop polls it.
+
+    (Raising from the handler would surface inside Ray's C extension as a SystemError.) Only the
+    main thread may install handlers; elsewhere the list stays empty.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    stopping = False
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise _Stop(signum)
+    def record(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -483,10 +483,10 @@ def run_search(
         opts = begin_run(opts)
         echo(f"study {name!r} in {display_url(url)}: {opts.trials} trials, {opts.workers} "
              f"workers, objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
-        with _stop_on_signals():
+        with _stop_on_signals() as received:
             try:
                 errors, worker_seconds = _drive(ray, space, space_text, str(path), opts,
-                                                optuna_study, started, echo)
+                                                optuna_study, started, echo, received)
             except _Stop as stop:
                 _stop_run(ray, optuna_study, opts)
                 finished = len(optuna_study.get_trials(deepcopy=False, states=FINISHED))
@@ -513,9 +513,12 @@ def run_search(
 
 
 def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptions,
-           study: optuna.Study, started: float,
-           echo: Callable[[str], Any]) -> tuple[list[str], float]:
-    """Run the workers to the end; (worker errors, summed worker lifetimes in seconds)."""
+           study: optuna.Study, started: float, echo: Callable[[str], Any],
+           received: list[int]) -> tuple[list[str], float]:
+    """Run the workers to the end; (worker errors, summed worker lifetimes in seconds).
+
+    Raises ``_Stop`` once a signal arrives in ``received``.
+    """
     remote = ray.remote(max_retries=MAX_WORKER_RESTARTS)(_worker_task).options(
         num_cpus=space.resources.cpus_per_worker, num_gpus=space.resources.gpus_per_worker)
     launched: dict[Any, float] = {}
@@ -532,6 +535,8 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
     last = ""
     while pending:
         done, pending = ray.wait(pending, timeout=opts.poll_seconds)
+        if received:
+            raise _Stop(received[0])
         for ref in done:
             try:
                 worker_seconds += ray.get(ref)[1]

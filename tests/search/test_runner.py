@@ -167,3 +167,40 @@ def test_restarted_driver_continues_without_losing_or_repeating_trials(tmp_path)
         assert study.trials[number].values == values
     trained_numbers = [c.trial for c in rows(url, Candidate, "tiny") if c.status == "trained"]
     assert len(trained_numbers) == len(set(trained_numbers))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_search_stops_cleanly_and_resumes(tmp_path, signum):
+    space = write_space(tmp_path, SLOW_SPACE)
+    runs = tmp_path / "runs"
+    url = f"sqlite:///{runs / 'tiny.db'}"
+    proc = run_cli(space, runs)
+
+    def training():
+        if not (runs / "tiny.db").exists():
+            return False
+        try:
+            return any(c.status == "running" for c in rows(url, Candidate, "tiny"))
+        except sa.exc.OperationalError:
+            return False
+
+    wait_for(training, 240, proc)
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, output
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith(
+        f"hybridlab search: interrupted ({signal.Signals(signum).name}); ")
+    assert "rerun the same command to resume" in output
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    interrupted = [c for c in rows(url, Candidate, "tiny") if c.reason == "interrupted"]
+    assert interrupted and all(c.status == "failed" for c in interrupted)
+    assert not [c for c in rows(url, Candidate, "tiny") if c.status == "running"]
+    if signum == signal.SIGINT:
+        again = run_cli(space, runs)
+        output, _ = again.communicate(timeout=400)
+        assert again.returncode == 0, output
+        study = optuna.load_study(study_name="tiny", storage=url)
+        assert len(finished(study)) == 3
+        assert not study.get_trials(states=(TrialState.RUNNING,))
