@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
 from hybridlab.cost import cost_report
+from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -41,15 +42,6 @@ from hybridlab.store import (
     sqlite_path,
 )
 from hybridlab.units import UNIT_RULES
-
-Direction = Literal["minimize", "maximize"]
-# Quality is plotted against these costs; each has the direction in which it is better.
-COST_AXES: dict[str, Direction] = {
-    "state_bytes": "minimize",
-    "params": "minimize",
-    "tokens_per_second": "maximize",
-}
-COST_METRICS = {*COST_AXES, "flops_per_token"}
 
 
 class UnknownStudy(LookupError):
@@ -83,6 +75,11 @@ def resolve_storage(study: str | None, storage: str | None, runs_dir: str | Path
     if study is None:
         return resolve_study(None, None, runs_dir)[1]
     return default_sqlite_url(study, Path(runs_dir).resolve())
+
+
+def cost_axes() -> dict[str, Direction]:
+    """Quality is plotted against every cost metric of the registry, each better one way."""
+    return {name: METRICS[name].direction for name in metric_names("cost")}
 
 
 def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
@@ -260,7 +257,8 @@ class StudyDatabase:
         rows = [self._trial(study, t, candidates.get(t.number), names) | {
             "curve_points": curve_points.get(t.number, 0)} for t in trials]
         objectives = [{"metric": n, "direction": d} for n, d in zip(names, directions, strict=True)]
-        quality = [o for o in objectives if o["metric"] not in COST_METRICS] or objectives
+        axes = cost_axes()
+        quality = [o for o in objectives if o["metric"] not in axes] or objectives
         complete = [r for r in rows if r["state"] == "complete" and r["values"]]
         best = pareto_front([[r["values"][n] for n in names] for r in complete], directions)
         counts: dict[str, int] = {}
@@ -270,13 +268,15 @@ class StudyDatabase:
             "study": study,
             "objectives": objectives,
             "quality_metrics": quality,
-            "cost_axes": COST_AXES,
+            "cost_axes": axes,
             "units": UNIT_RULES,
+            # Names, kinds, directions, units and labels: the page lists no metric of its own.
+            "metrics": registry_as_json(),
             "state_context": next((c.state_context for c in candidates.values()
                                    if c.state_context), None),
             "counts": counts,
             "best": [complete[i]["number"] for i in best],
-            "fronts": {q["metric"]: _fronts(complete, q["metric"], q["direction"])
+            "fronts": {q["metric"]: _fronts(complete, q["metric"], q["direction"], axes)
                        for q in quality},
             "trials": rows,
             "evaluations": evaluations,
@@ -295,7 +295,9 @@ class StudyDatabase:
                   if t.state == TrialState.COMPLETE and t.values else {})
 
         def cost(key: str) -> float | None:
-            value = getattr(c, key) if c is not None else None
+            # hl_candidate has a column per cost the search measures; trials written by other
+            # versions may carry a cost as a user attribute instead.
+            value = getattr(c, key, None) if c is not None else None
             return value if value is not None else attrs.get(key)
 
         note = attrs.get("rejected")
@@ -314,8 +316,7 @@ class StudyDatabase:
             "depth": len(per_layer) or None,
             "attention_fraction": (sum(layer["type"] == "attention" for layer in mixers)
                                    / len(mixers)) if mixers else None,
-            **{key: cost(key) for key in ("params", "flops_per_token", "state_bytes",
-                                          "tokens_per_second")},
+            **{key: cost(key) for key in metric_names("cost")},
             "started": _iso(t.datetime_start),
             "completed": _iso(t.datetime_complete),
             "export_command": export_command(study, t.number,
@@ -354,10 +355,11 @@ def _objective_names(user_attrs: dict[str, Any], count: int) -> list[str]:
     return ["value"] if count == 1 else [f"value{i}" for i in range(count)]
 
 
-def _fronts(complete: list[dict[str, Any]], metric: str, direction: str) -> dict[str, list[int]]:
+def _fronts(complete: list[dict[str, Any]], metric: str, direction: str,
+            axes: dict[str, Direction]) -> dict[str, list[int]]:
     """Per cost axis, the trials on the 2-D Pareto front of (quality, cost)."""
     fronts = {}
-    for axis, axis_direction in COST_AXES.items():
+    for axis, axis_direction in axes.items():
         plotted = [r for r in complete if r.get(axis) is not None and metric in r["metrics"]]
         front = pareto_front([(r["metrics"][metric], r[axis]) for r in plotted],
                              (direction, axis_direction))

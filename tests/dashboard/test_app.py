@@ -5,6 +5,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import RDBStorage
 
+from hybridlab.metrics import METRICS, metric_names, registry_as_json
 from hybridlab.store import create_tables, make_engine
 from hybridlab_dashboard import DashboardApp, StudyDatabase
 
@@ -72,10 +73,8 @@ def test_json_endpoints(synthetic_app, client, synthetic):
     }
     study = client(synthetic_app, "/hl/api/study?name=demo").json()
     assert set(study) == {"study", "objectives", "quality_metrics", "cost_axes", "units",
-                          "state_context", "counts", "best", "fronts", "trials", "evaluations",
-                          "revision"}
-    assert study["cost_axes"] == {"state_bytes": "minimize", "params": "minimize",
-                                  "tokens_per_second": "maximize"}
+                          "metrics", "state_context", "counts", "best", "fronts", "trials",
+                          "evaluations", "revision"}
     assert len(study["trials"]) == len(made) + 2
     assert set(study["trials"][0]) == {
         "number", "state", "status", "note", "reused_from", "values", "metrics", "pattern",
@@ -89,6 +88,20 @@ def test_json_endpoints(synthetic_app, client, synthetic):
             for s in curves["series"]] == [(1, "test", "accuracy", True),
                                           (2, "test", "accuracy", True)]
     assert client(synthetic_app, "/hl/api/curves?study=demo&trials=").json()["series"] == []
+
+
+def test_the_page_gets_its_metrics_from_the_registry(synthetic_app, client, monkeypatch):
+    study = client(synthetic_app, "/hl/api/study?name=demo").json()
+    assert study["metrics"] == registry_as_json()
+    costs = metric_names("cost")
+    assert study["cost_axes"] == {name: METRICS[name].direction for name in costs}
+    assert set(study["fronts"]["accuracy"]) == set(costs)
+    assert all(name in study["trials"][0] for name in costs)
+    # A cost the registry no longer lists is neither an axis nor a front.
+    monkeypatch.delitem(METRICS, "flops_per_token")
+    study = client(synthetic_app, "/hl/api/study?name=demo").json()
+    assert "flops_per_token" not in study["cost_axes"] | study["fronts"]["accuracy"]
+    assert "flops_per_token" not in study["metrics"]
 
 
 def test_bad_requests_get_json_errors(synthetic_app, client):

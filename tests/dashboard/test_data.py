@@ -139,7 +139,8 @@ def test_snapshot_of_a_study(synthetic_url: str, synthetic):
                 if t["state"] == "complete"]
     expected = pareto_front(complete, ("maximize", "minimize"))
     assert snap["fronts"]["accuracy"]["state_bytes"] == expected
-    assert set(snap["fronts"]["accuracy"]) == {"state_bytes", "params", "tokens_per_second"}
+    assert set(snap["fronts"]["accuracy"]) == {"state_bytes", "params", "tokens_per_second",
+                                               "flops_per_token"}
     assert len(snap["evaluations"]) == len(made)
     assert set(snap["evaluations"][0]) == {"trial", "task", "metric", "value", "stderr",
                                            "harness"}

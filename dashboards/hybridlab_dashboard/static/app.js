@@ -8,13 +8,14 @@ const TYPE_COLORS = { mamba2: "#2563eb", mamba1: "#06b6d4", attention: "#f97316"
 const TYPE_NAMES = { mamba2: "Mamba-2 (M)", mamba1: "Mamba-1 (m)", attention: "attention (*)", mlp: "MLP (-)" };
 const COMPARED_BY_DEFAULT = 3;
 const TRIAL_COLORS = ["#dc2626", "#2563eb", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
-const AXES = {
-  state_bytes: { label: "inference state at L (bytes)", log: true, base2: true, format: bytes },
-  params: { label: "parameters", log: true, format: count },
-  tokens_per_second: { label: "measured throughput (tokens/s)", log: true, format: count },
+// Properties of a trial's layer stack plotted against quality; metrics come from hybridlab's
+// registry in each study's JSON (`metrics`: name -> kind, direction, unit, label, log_scale).
+const STRUCTURE_AXES = {
   attention_fraction: { label: "attention share of mixer layers", log: false, format: percent },
   depth: { label: "depth (layers)", log: false, format: String, integer: true },
 };
+// How a value of each registry unit is written; other units are plain numbers.
+const UNIT_FORMATS = { bytes, count, FLOPs: count, "tokens/s": count };
 
 const view = {
   study: new URLSearchParams(location.search).get("study"),
@@ -43,9 +44,20 @@ const s = (tag, attrs = {}, ...children) => build(document.createElementNS(SVG_N
 // Sizes as hybridlab writes them everywhere (units.js, with the rule the study's JSON carries).
 function count(n) { return n === null || n === undefined ? "–" : formatScaled(n, view.data.units.count); }
 function bytes(n) { return n === null || n === undefined ? "–" : formatScaled(n, view.data.units.bytes); }
+function metricFormat(name) {
+  return UNIT_FORMATS[view.data.metrics[name]?.unit] || num;
+}
 // Objectives may be costs (state bytes, parameters): those read better in their own units.
 function formatMetric(name, value) {
-  return (AXES[name]?.format || num)(value ?? null);
+  return metricFormat(name)(value ?? null);
+}
+function costMetrics() {
+  return Object.entries(view.data.metrics).filter(([, m]) => m.kind === "cost").map(([name, m]) => ({ name, ...m }));
+}
+function axisOf(key) {
+  const metric = view.data.metrics[key];
+  if (!metric) return STRUCTURE_AXES[key];
+  return { label: metric.label, log: metric.log_scale, base2: metric.unit === "bytes", format: metricFormat(key) };
 }
 function percent(x) { return x === null || x === undefined ? "–" : `${Math.round(100 * x)}%`; }
 function num(x) {
@@ -201,7 +213,7 @@ function frontPath(points, xs, ys, xMinimize) {
 }
 
 function scatter({ id, title, axisKey, points, front, xMinimize, quality }) {
-  const axis = AXES[axisKey];
+  const axis = axisOf(axisKey);
   const yLabel = `${quality.metric} (${quality.direction === "maximize" ? "higher" : "lower"} is better)`;
   if (!points.length) return emptyChart(title, "no finished trials yet");
   const f = FRAME;
@@ -236,7 +248,7 @@ function qualityOf(trial) {
 function plotted(axisKey) {
   return view.data.trials
     .filter((t) => t.state === "complete" && qualityOf(t) !== null)
-    .filter((t) => typeof t[axisKey] === "number" && (!AXES[axisKey].log || t[axisKey] > 0))
+    .filter((t) => typeof t[axisKey] === "number" && (!axisOf(axisKey).log || t[axisKey] > 0))
     .map((t) => ({ trial: t, x: t[axisKey], y: qualityOf(t) }));
 }
 
@@ -245,7 +257,7 @@ function renderFronts() {
   const fronts = view.data.fronts[view.quality.metric] || {};
   box.replaceChildren(...Object.entries(view.data.cost_axes).map(([axisKey, direction]) => scatter({
     id: `pareto-${axisKey}`,
-    title: `${view.quality.metric} vs ${AXES[axisKey].label.replace(/ \(.*\)$/, "")}`,
+    title: `${view.quality.metric} vs ${axisOf(axisKey).label.replace(/ \(.*\)$/, "")}`,
     axisKey,
     points: plotted(axisKey),
     front: new Set(fronts[axisKey] || []),
@@ -256,9 +268,9 @@ function renderFronts() {
 
 function renderStructure() {
   const box = document.getElementById("structure");
-  box.replaceChildren(...["attention_fraction", "depth"].map((axisKey) => scatter({
+  box.replaceChildren(...Object.keys(STRUCTURE_AXES).map((axisKey) => scatter({
     id: `structure-${axisKey}`,
-    title: `${view.quality.metric} vs ${AXES[axisKey].label}`,
+    title: `${view.quality.metric} vs ${axisOf(axisKey).label}`,
     axisKey,
     points: plotted(axisKey),
     front: new Set(),
@@ -271,9 +283,8 @@ function tooltipBody(trial) {
   const scaleAll = stripScale(view.data.trials);
   const rows = [
     ...view.data.objectives.map((o) => [o.metric, formatMetric(o.metric, trial.metrics[o.metric])]),
-    ["params", count(trial.params)],
-    [`state @ ${count(view.data.state_context)} tokens`, bytes(trial.state_bytes)],
-    ["throughput", `${count(trial.tokens_per_second)} tok/s`],
+    ...costMetrics().map((m) => [m.label, formatMetric(m.name, trial[m.name])]),
+    ["context L", `${count(view.data.state_context)} tokens`],
     ["depth / attention", `${trial.depth ?? "–"} / ${percent(trial.attention_fraction)}`],
   ];
   return [
@@ -313,8 +324,9 @@ function renderTrials() {
   const scaleAll = stripScale(d.trials);
   const best = new Set(d.best);
   const metrics = d.objectives.map((o) => o.metric);
+  const costs = costMetrics();
   const head = h("tr", {},
-    ["", "#", "state", "architecture", "pattern", "layers", "attn", "params", "state@L", "tok/s",
+    ["", "#", "state", "architecture", "pattern", "layers", "attn", ...costs.map((m) => m.label),
       ...metrics, "note", "export"].map((name) => h("th", {}, name)));
   const rows = d.trials.map((t) => h("tr", {
     "data-trial": t.number,
@@ -330,9 +342,7 @@ function renderTrials() {
   h("td", {}, h("code", {}, t.pattern || "–")),
   h("td", { class: "num" }, t.depth ?? "–"),
   h("td", { class: "num" }, percent(t.attention_fraction)),
-  h("td", { class: "num" }, count(t.params)),
-  h("td", { class: "num" }, bytes(t.state_bytes)),
-  h("td", { class: "num" }, count(t.tokens_per_second)),
+  ...costs.map((m) => h("td", { class: "num", "data-metric": m.name }, formatMetric(m.name, t[m.name]))),
   ...metrics.map((m) => h("td", { class: "num" }, formatMetric(m, t.metrics[m]))),
   h("td", { class: "note" }, t.note || ""),
   h("td", {}, h("details", {}, h("summary", {}, "command"), h("code", { class: "export-command" }, t.export_command)))));
@@ -352,10 +362,8 @@ function renderCompare() {
   box.replaceChildren(...chosen.map((t) => {
     const facts = [
       ...d.objectives.map((o) => [`${o.metric} (${o.direction})`, formatMetric(o.metric, t.metrics[o.metric])]),
-      ["parameters", count(t.params)],
-      [`inference state @ ${count(d.state_context)} tokens`, bytes(t.state_bytes)],
-      ["FLOPs / token", count(t.flops_per_token)],
-      ["measured throughput", `${count(t.tokens_per_second)} tok/s`],
+      ...costMetrics().map((m) => [m.label, formatMetric(m.name, t[m.name])]),
+      ["context L", `${count(d.state_context)} tokens`],
       ["depth · attention share", `${t.depth ?? "–"} · ${percent(t.attention_fraction)}`],
       ["state", t.note ? `${t.state} (${t.note})` : t.state],
     ];
