@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import re
 import sys
@@ -28,7 +27,7 @@ from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
-from hybridlab.train import TrainConfig, train
+from hybridlab.train import TrainConfig, settings_key, train
 from hybridlab.units import format_bytes
 from hybridlab_dashboard import add_dashboard_arguments, dashboard_command
 
@@ -135,9 +134,7 @@ def train_command(args: argparse.Namespace) -> int:
         arch = dataclasses.replace(arch, vocab_size=task.vocab_size)
     # The folder is keyed by everything that decides the weights, so a changed setting starts
     # afresh instead of resuming a checkpoint trained differently.
-    settings = json.dumps({"train": dataclasses.asdict(cfg), "task": task.fingerprint()},
-                          sort_keys=True, default=str)
-    key = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    key = settings_key(cfg, task)
     out = Path(args.out) if args.out else (
         Path("runs/train") / f"{arch.canonical_hash()}-{_slug(args.task)}-{key}")
     print(f"training {arch.pattern} ({arch.canonical_hash()}) on {task.name}: "
@@ -150,15 +147,16 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"step {step:>6}  {time.perf_counter() - started:7.1f}s  {values}", flush=True)
         return False
 
+    # A bar on a terminal; piped into a log, a plain line per log interval.
     result = train(model, task, cfg, checkpoint_dir=out, callback=show,
-                   progress=sys.stderr.isatty())
+                   progress="bar" if sys.stderr.isatty() else "lines")
     if out.is_dir():
         arch.save(out / "arch.yaml")
     summary = {
         "status": result.status, "reason": result.reason, "steps": result.steps,
         "tokens": result.tokens, "seconds": round(result.seconds, 2),
         "metrics": result.metrics, "checkpoint": str(result.checkpoint) if result.checkpoint
-        else None, "task": task.fingerprint(),
+        else None, "task": task.fingerprint(), "recovered": result.recovered,
     }
     print(json.dumps(summary, indent=2, default=str))
     return 0 if result.status != "diverged" else 1

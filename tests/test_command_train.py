@@ -25,7 +25,7 @@ def test_train_config_file_errors(tmp_path, text, message):
 def test_binary_train_config_is_named(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_bytes(b"\x00\xff\xfe")
-    with pytest.raises(ConfigError, match="t.yaml.*not UTF-8"):
+    with pytest.raises(ConfigError, match=r"t\.yaml.*not UTF-8"):
         load_train_config(str(path), {})
 
 
@@ -34,3 +34,16 @@ def test_overrides_win_over_the_file(tmp_path):
     path.write_text("steps: 10\nlr: 0.01\n")
     cfg = load_train_config(str(path), {"lr": 0.02})
     assert (cfg.steps, cfg.lr) == (10, 0.02)
+
+
+def test_piped_training_prints_a_line_per_log_interval(tmp_path, capsys):
+    from hybridlab.cli import main
+
+    code = main(["train", "tiny-hybrid", "--task", "mqar", "--task-option", "vocab_size=64",
+                 "--task-option", "seq_len=16", "--steps", "12", "--threads", "1",
+                 "--set", "log_every=4", "--set", "eval_every=12", "--set", "batch_size=4",
+                 "--out", str(tmp_path / "run")])
+    assert code == 0
+    err = capsys.readouterr().err
+    steps = [line.split()[2] for line in err.splitlines() if " step " in f" {line}"]
+    assert steps == ["4/12", "8/12", "12/12"], err
