@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help=status_command.__doc__, description=status_command.__doc__)
     st.add_argument("--study", help="study name (default: the only study in the database)")
-    st.add_argument("--storage", help="database URL (default: sqlite:///runs/<study>.db)")
+    st.add_argument("--storage", help="database URL (default: <runs-dir>/<study>.db; without "
+                    "--study either, the only study database in --runs-dir)")
     st.add_argument("--runs-dir", default="runs",
                     help="where the default databases <runs-dir>/<study>.db live")
 
