@@ -21,6 +21,7 @@ from hybridlab.checkpoint import (
 )
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba1Spec, Mamba2Spec
 from hybridlab.data.task import IGNORE, Batch
+from hybridlab.data.tasks import make_task
 from hybridlab.model import HybridLM
 from hybridlab.train import TrainConfig, build_optimizer, lr_at, settings_key, train
 
@@ -485,3 +486,33 @@ def test_progress_off_is_silent_and_the_bar_writes_to_the_stream():
     with pytest.raises(ConfigError, match="progress") as err:
         train(small_model(), ShiftTask(), cfg, progress="line")
     assert err.value.field == "progress"
+
+
+@pytest.mark.parametrize(("target", "metric"), [(0.3, "accuracy"), (3.0, "loss")])
+def test_training_stops_once_the_target_is_reached(tmp_path, target, metric):
+    task = make_task("mqar", seed=0, vocab_size=64, seq_len=16, num_kv_pairs=2)
+    arch = ArchConfig.from_pattern("**", d_model=32, vocab_size=task.vocab_size,
+                                   attention=AttentionSpec(n_heads=2, n_kv_heads=1))
+    base = dict(steps=200, batch_size=16, lr=0.01, warmup_steps=10, eval_every=20,
+                eval_batch_size=64, threads=1)
+    full = train(HybridLM(arch, seed=0), task, TrainConfig(**base))
+    tests = [c for c in full.curve if c["split"] == "test" and c["metric"] == metric]
+    better = (lambda v: v >= target) if metric == "accuracy" else (lambda v: v <= target)
+    first = next(c["step"] for c in tests if better(c["value"]))
+    assert first < base["steps"], "the fixture must reach the target before the last step"
+
+    cfg = TrainConfig(**base, target=target, target_metric=metric)
+    solved = train(HybridLM(arch, seed=0), task, cfg, checkpoint_dir=tmp_path / "run")
+    assert (solved.status, solved.steps) == ("solved", first)
+    assert better(solved.metrics[metric]) and f"at step {first}" in solved.reason
+    # The same evaluations as the full run up to that step: stopping changes nothing before it.
+    assert [c for c in solved.curve if c["step"] <= first] == \
+        [c for c in full.curve if c["step"] <= first]
+    # A retry of a solved run stops at once instead of training on.
+    again = train(HybridLM(arch, seed=0), task, cfg, checkpoint_dir=tmp_path / "run")
+    assert (again.status, again.steps, again.curve) == ("solved", first, solved.curve)
+
+
+def test_target_metric_must_be_a_task_metric():
+    with pytest.raises(ConfigError, match="target_metric"):
+        TrainConfig(target=0.9, target_metric="params")

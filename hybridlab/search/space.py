@@ -350,7 +350,7 @@ def parse_space(
     except (TypeError, ValueError) as err:
         raise r.error("sampler.options", f"{sampler}: {err}") from None
     if check_task:
-        _check_task(r, task, dict(task_options), seed, objectives)
+        _check_task(r, task, dict(task_options), seed, objectives, train)
     return space
 
 
@@ -429,7 +429,7 @@ def describe_pruner(space: SearchSpace) -> str:
 
 
 def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
-                objectives: tuple[ObjectiveSpec, ...]) -> None:
+                objectives: tuple[ObjectiveSpec, ...], train: TrainConfig) -> None:
     """Build the task once so a bad name or knob fails here, not inside every worker."""
     from hybridlab.search.objective import make_tasks
 
@@ -441,14 +441,16 @@ def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
         except (ValueError, TypeError):
             raise r.error("task.name", str(err)) from None
         raise r.error("task.options", str(err)) from None
-    for i, objective in enumerate(objectives):
-        metric = METRICS[objective.metric]
+    named = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(objectives)]
+    if train.target is not None:
+        named.append(("train.target_metric", train.target_metric))
+    for field_path, name in named:
+        metric = METRICS[name]
         if metric.only_from is not None and any(t.metric != metric.name for t in tasks):
             everywhere = [m.name for m in METRICS.values()
                           if m.kind == "task" and m.only_from is None]
-            raise r.error(f"objectives[{i}].metric", f"task {task!r} reports "
-                          f"{' and '.join(everywhere)}, not {metric.name} (only "
-                          f"{metric.only_from} do)")
+            raise r.error(field_path, f"task {task!r} reports {' and '.join(everywhere)}, "
+                          f"not {metric.name} (only {metric.only_from} do)")
 
 
 def _parse_model(r: _Reader, data: Any) -> ModelSpace:
