@@ -611,9 +611,19 @@ def _parse_lm_eval(r: _Reader, data: Any) -> LMEvalStage | None:
     if not isinstance(tasks, list) or not tasks or not all(
             isinstance(t, str) and t for t in tasks):
         raise r.error("lm_eval.tasks", "must be a non-empty list of lm-eval task names")
+    # A task given as a YAML file is read relative to the space file, wherever the search runs.
+    here = Path(r.source).parent if r.source else Path()
+    resolved = []
+    for i, task in enumerate(tasks):
+        if task.endswith((".yaml", ".yml")):
+            path = (here / task).expanduser().resolve()
+            if not path.is_file():
+                raise r.error(f"lm_eval.tasks[{i}]", f"no task file {path}")
+            task = str(path)
+        resolved.append(task)
     limit = d.get("limit")
     return LMEvalStage(
-        tasks=tuple(tasks),
+        tasks=tuple(resolved),
         top_k=r.integer(d.get("top_k", 1), "lm_eval.top_k", minimum=1),
         limit=None if limit is None else r.number(limit, "lm_eval.limit", minimum=0),
     )
