@@ -2,6 +2,7 @@
 
 import os
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -139,3 +140,15 @@ def test_give_up_rule_counts_only_this_runs_failures(tmp_path):
     opts = runner.begin_run(opts)
     assert runner.worker_loop(TINY_SPACE, None, opts, 0) == 2
     assert len(study.get_trials(states=runner.FINISHED)) == 2
+
+
+def test_each_run_of_a_study_seeds_its_workers_apart(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=4, workers=2,
+                             artifacts_dir=tmp_path)
+    runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    first, second = runner.begin_run(opts), runner.begin_run(replace(opts, run_id="another"))
+    # A fresh study keeps ranks 0..workers-1 (seed + rank, as before); the next run starts after.
+    assert (first.first_rank, second.first_rank) == (0, runner.RANKS_PER_RUN)
+    # A retried call that had committed finds its run instead of recording a second one.
+    assert runner.begin_run(first).first_rank == 0
