@@ -1,3 +1,4 @@
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -33,3 +34,60 @@ def storage_url(request, tmp_path: Path):
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL server of this test alone (the recipe of .ci/postgres.sh), which a
+    test may restart or stop without disturbing the shared one."""
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import socket
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                      key=lambda p: int(p.split("/")[-2]))
+        if not bins or os.geteuid() != 0 or shutil.which("su") is None:
+            pytest.skip("needs PostgreSQL binaries and root (to run them as the postgres user)")
+        self.bin = bins[-1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        # Under /tmp, not tmp_path: the postgres user must reach it.
+        self.data = tempfile.mkdtemp(prefix="hybridlab-pg-private.")
+        shutil.chown(self.data, "postgres", "postgres")
+        self._as_postgres(f"{self.bin}/initdb -D {self.data} --auth=trust -U postgres")
+        self.start()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, command: str) -> None:
+        import subprocess
+
+        subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", command], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        self._as_postgres(
+            f"{self.bin}/pg_ctl -D {self.data} -w -l {self.data}/server.log -o '-p {self.port} "
+            f"-k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200' start")
+
+    def stop(self) -> None:
+        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -m fast stop")
+
+    def restart(self) -> None:
+        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -m fast restart")
+
+    def close(self) -> None:
+        import shutil
+
+        with contextlib.suppress(Exception):
+            self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres():
+    server = PrivatePostgres()
+    yield server
+    server.close()
