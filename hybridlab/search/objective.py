@@ -35,7 +35,13 @@ from hybridlab.data.task import TaskData
 from hybridlab.data.tasks import make_task
 from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
-from hybridlab.search.space import Rejected, SearchSpace, check_budgets, sample_architecture
+from hybridlab.search.space import (
+    Rejected,
+    SearchSpace,
+    check_budgets,
+    describe_pruner,
+    sample_architecture,
+)
 from hybridlab.store import (
     CHECKPOINT_KIND,
     Artifact,
@@ -177,7 +183,7 @@ class Objective:
             trial.report(metrics[metric], step)
             if not trial.should_prune():
                 return False
-            pruned_at.append(f"pruned by {self.space.pruner} at step {step}: "
+            pruned_at.append(f"pruned by {describe_pruner(self.space)} at step {step}: "
                              f"{metric} {metrics[metric]:.4g}")
             return True
 

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from hybridlab.cli import main
 from hybridlab.search import runner
-from hybridlab.search.space import parse_space
-from hybridlab.store import Slot, make_engine, session_scope
+from hybridlab.search.space import describe_pruner, parse_space
+from hybridlab.store import Candidate, Slot, make_engine, session_scope
 
 TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
 
@@ -152,3 +152,24 @@ def test_each_run_of_a_study_seeds_its_workers_apart(tmp_path):
     assert (first.first_rank, second.first_rank) == (0, runner.RANKS_PER_RUN)
     # A retried call that had committed finds its run instead of recording a second one.
     assert runner.begin_run(first).first_rank == 0
+
+
+def test_pruned_candidate_names_the_pruner_step_and_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    text = TINY_SPACE.replace("pruner: none", "pruner: median")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=1, workers=1,
+                             artifacts_dir=tmp_path, poll_seconds=0.01)
+    study = runner.prepare_study(parse_space(text), text, opts)
+    assert runner.worker_loop(text, None, opts, 0) == 1
+    (trial,) = study.get_trials()
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            candidate = Candidate.get(session, "tiny", trial.number)
+    finally:
+        engine.dispose()
+    assert trial.state == TrialState.PRUNED and candidate.status == "pruned"
+    value = trial.intermediate_values[10]
+    assert candidate.reason == (f"pruned by {describe_pruner(parse_space(text))} at step 10: "
+                                f"accuracy {value:.4g}")

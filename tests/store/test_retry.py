@@ -1,0 +1,66 @@
+"""Storage calls retried after a connection broke behind a committed write do not repeat it."""
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from hybridlab.store import RetryingRDBStorage, is_transient, retrying
+
+
+def lost_connection() -> optuna.exceptions.StorageInternalError:
+    """What Optuna raises when the server went away during a commit."""
+    cause = sa.exc.OperationalError("COMMIT", {}, Exception("server closed the connection"))
+    err = optuna.exceptions.StorageInternalError("commit failed")
+    err.__cause__ = cause
+    return err
+
+
+def fail_after_first_commit(monkeypatch, name: str) -> list[int]:
+    """Make RDBStorage.<name> commit, then report a lost connection, once."""
+    calls: list[int] = []
+    original = getattr(RDBStorage, name)
+
+    def flaky(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise lost_connection()
+        return result
+
+    monkeypatch.setattr(RDBStorage, name, flaky)
+    return calls
+
+
+def test_retried_trial_creation_that_had_committed_creates_no_duplicate(tmp_path, monkeypatch):
+    storage = RetryingRDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    calls = fail_after_first_commit(monkeypatch, "_create_new_trial")
+    trial = study.ask()
+    assert len(calls) == 1
+    assert [t.number for t in study.get_trials()] == [trial.number] == [0]
+
+
+def test_retried_completion_that_had_committed_does_not_fail_the_trial(tmp_path, monkeypatch):
+    storage = RetryingRDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    fail_after_first_commit(monkeypatch, "set_trial_state_values")
+    study.tell(trial, 0.5)
+    (done,) = study.get_trials()
+    assert done.state == TrialState.COMPLETE and done.value == 0.5
+
+
+def test_only_transient_errors_are_retried():
+    attempts: list[int] = []
+
+    def integrity(attempt: int) -> None:
+        attempts.append(attempt)
+        raise sa.exc.IntegrityError("INSERT", {}, Exception("duplicate key"))
+
+    with pytest.raises(sa.exc.IntegrityError):
+        retrying(integrity)
+    assert attempts == [0]
+    assert is_transient(lost_connection())
+    assert not is_transient(optuna.exceptions.StorageInternalError("too long a string"))
