@@ -139,7 +139,6 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, arch: ArchConfig,
                costs: dict[str, float]) -> float | list[float]:
-
         model = HybridLM(arch, seed=self.space.seed).to(self.device)
         tokens_per_second = measure_tokens_per_second(
             model, batch_size=4, seqlen=self.tasks[0].seq_len, repeats=2, seed=self.space.seed)
@@ -153,17 +152,23 @@ class Objective:
         resumed = max(r.resumed_from for r in results)
         if resumed:
             trial.set_user_attr("resumed_from_step", resumed)
+        # Checkpoints that failed verification were set aside and the run resumed from an
+        # earlier one (or afresh): the trial still ends as trained, and says so.
+        recovered = [note for r in results for note in r.recovered]
+        if recovered:
+            trial.set_user_attr("checkpoint_recovery", recovered)
+        recovery = f"; checkpoint recovery: {'; '.join(recovered)}" if recovered else ""
         for status, outcome in (("diverged", CandidateStatus.FAILED),
                                 ("stopped", CandidateStatus.PRUNED)):
             stopped = [r for r in results if r.status == status]
             if stopped:
                 self._record(trial.number, arch=arch, costs=costs, status=outcome,
-                             reason=stopped[0].reason)
+                             reason=stopped[0].reason + recovery)
                 raise optuna.TrialPruned(stopped[0].reason)
         metrics = _mean_metrics([r.metrics for r in results])
         objectives = {**{k: float(v) for k, v in costs.items()}, **metrics}
         self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.TRAINED,
-                     reason=results[0].reason, objectives=objectives)
+                     reason=results[0].reason + recovery, objectives=objectives)
         return self._values(objectives)
 
     def _train_on(self, trial: optuna.Trial, arch: ArchConfig, task: TaskData) -> TrainResult:

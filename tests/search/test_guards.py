@@ -173,3 +173,34 @@ def test_pruned_candidate_names_the_pruner_step_and_value(tmp_path, monkeypatch)
     value = trial.intermediate_values[10]
     assert candidate.reason == (f"pruned by {describe_pruner(parse_space(text))} at step 10: "
                                 f"accuracy {value:.4g}")
+
+
+def test_corrupt_checkpoint_falls_back_and_the_trial_completes_saying_so(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+
+    def one_trial(study_name: str) -> optuna.trial.FrozenTrial:
+        opts = runner.RunOptions(study=study_name, storage_url=url, trials=1, workers=1,
+                                 artifacts_dir=tmp_path / "artifacts", poll_seconds=0.01)
+        study = runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+        assert runner.worker_loop(TINY_SPACE, None, opts, 0) == 1
+        return study.get_trials()[0]
+
+    first = one_trial("first")
+    (folder,) = (tmp_path / "artifacts" / "checkpoints").iterdir()
+    newest = sorted(folder.glob("step_*"))[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+    # Another study in the same artifacts folder trains the same genome (same seed, first
+    # proposal) and finds the finished checkpoint corrupt.
+    second = one_trial("second")
+    assert second.params == first.params
+    assert second.state == TrialState.COMPLETE
+    (note,) = second.user_attrs["checkpoint_recovery"]
+    assert newest.name in note and "failed verification" in note
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            candidate = Candidate.get(session, "second", second.number)
+    finally:
+        engine.dispose()
+    assert candidate.status == "trained" and note in candidate.reason
