@@ -146,7 +146,9 @@ class Objective:
         trial.set_user_attr("tokens_per_second", tokens_per_second)
         self._record(trial.number, arch=arch, costs=costs, status=CandidateStatus.RUNNING)
 
-        results = [self._train_on(trial, arch, task) for task in self.tasks]
+        # The measured model is still the seeded initial one: the first task trains it.
+        results = [self._train_on(trial, arch, task, model if i == 0 else None)
+                   for i, task in enumerate(self.tasks)]
         trial.set_user_attr("train_seconds", sum(r.seconds for r in results))
         trial.set_user_attr("train_status", [r.status for r in results])
         resumed = max(r.resumed_from for r in results)
@@ -171,9 +173,11 @@ class Objective:
                      reason=results[0].reason + recovery, objectives=objectives)
         return self._values(objectives)
 
-    def _train_on(self, trial: optuna.Trial, arch: ArchConfig, task: TaskData) -> TrainResult:
+    def _train_on(self, trial: optuna.Trial, arch: ArchConfig, task: TaskData,
+                  model: HybridLM | None = None) -> TrainResult:
         """Train a fresh model on one task; a new seeded init for each task of a suite."""
-        model = HybridLM(arch, seed=self.space.seed).to(self.device)
+        if model is None:
+            model = HybridLM(arch, seed=self.space.seed).to(self.device)
         # Optuna prunes on one curve: only a single-task, single-objective study reports.
         prune = (len(self.tasks) == 1 and not self.space.multi_objective
                  and self.space.pruner != "none")

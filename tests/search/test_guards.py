@@ -1,6 +1,7 @@
 """What `hybridlab search` refuses before Ray starts, and the runner's rules tested in-process."""
 
 import os
+import threading
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -204,3 +205,31 @@ def test_corrupt_checkpoint_falls_back_and_the_trial_completes_saying_so(tmp_pat
     finally:
         engine.dispose()
     assert candidate.status == "trained" and note in candidate.reason
+
+
+def test_worker_exits_when_every_slot_is_claimed_elsewhere(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=2, workers=2,
+                             artifacts_dir=tmp_path, poll_seconds=0.01)
+    runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            session.add_all([Slot(study="tiny", slot=i, owner="another-worker") for i in (0, 1)])
+    finally:
+        engine.dispose()
+    # Idling would hold this worker's CPUs while the other trials run; it returns at once.
+    ran: list[int] = []
+    worker = threading.Thread(target=lambda: ran.append(
+        runner.worker_loop(TINY_SPACE, None, opts, 1)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert ran == [0]
+
+
+def test_overhead_is_measured_over_worker_lifetimes():
+    # Two workers: one lived 100 s, one exited after 20 s; 108 s of training in all.
+    summary = runner.SearchSummary(study="s", storage_url="u", finished=2, complete=2, pruned=0,
+                                   failed=0, wall_seconds=110.0, train_seconds=108.0, workers=2,
+                                   worker_seconds=120.0)
+    assert summary.overhead_share == pytest.approx(0.1)
