@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -303,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "error: " if code == 2 else ""
         print(f"hybridlab {args.command}: {label}{err}", file=sys.stderr)
         return code
+    except KeyboardInterrupt:
+        # Ctrl-C outside a search's own handling (set-up, other commands): a line, not a trace.
+        print(f"hybridlab {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

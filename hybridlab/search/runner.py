@@ -133,6 +133,10 @@ class SearchInterrupted(HybridlabError):
                          "trials finished, rerun the same command to resume")
 
 
+class SearchFailed(HybridlabError, RuntimeError):
+    """The search ended short of its trials (this run failed too often, or workers died)."""
+
+
 class _Stop(BaseException):
     """The driver loop saw SIGINT/SIGTERM; a BaseException so no ``except Exception`` eats it
     before the driver cleans up."""
@@ -499,7 +503,7 @@ def run_search(
     if errors:
         echo("worker errors: " + "; ".join(errors))
     if summary.finished < opts.trials:
-        raise StorageError(
+        raise SearchFailed(
             f"search stopped with {summary.finished} of {opts.trials} trials finished after "
             f"{summary.failed} failed attempts in this run; last failure: {last_failure(opts)}; "
             f"worker errors: {errors or 'none'}")

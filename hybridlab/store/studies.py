@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -29,7 +30,6 @@ from hybridlab.store.engine import (
     session_scope,
 )
 from hybridlab.store.models import WITH_WEIGHTS, Artifact, Candidate, CandidateStatus
-from hybridlab.store.retry import RetryingRDBStorage
 
 
 def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) -> tuple[str, str]:
@@ -61,9 +61,10 @@ def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) 
     return study, storage
 
 
-def optuna_storage(url: str) -> RetryingRDBStorage:
-    """Optuna's storage for reading an existing study (tables are not created)."""
-    return RetryingRDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=True)
+def optuna_storage(url: str) -> RDBStorage:
+    """Optuna's storage for reading an existing study (tables are not created). Readers fail
+    fast on an unreachable database; only the search rides out outages (``RetryingRDBStorage``)."""
+    return RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=True)
 
 
 def study_names(url: str) -> list[str]:

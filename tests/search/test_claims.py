@@ -44,7 +44,7 @@ def test_two_drivers_train_each_genome_once(tmp_path):
     # The study exists before the drivers start (creating it together is test_creation's case).
     runner.prepare_study(parse_space(SPACE), SPACE, runner.RunOptions(
         study="tiny", storage_url=url, trials=6, workers=1, artifacts_dir=tmp_path))
-    start = time.time() + 20
+    start = time.time() + 12
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, SPACE, url, str(tmp_path / "runs"),
                                str(start)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]

@@ -233,3 +233,14 @@ def test_overhead_is_measured_over_worker_lifetimes():
                                    failed=0, wall_seconds=110.0, train_seconds=108.0, workers=2,
                                    worker_seconds=120.0)
     assert summary.overhead_share == pytest.approx(0.1)
+
+
+def test_ctrl_c_outside_a_search_is_one_line_and_exit_130(monkeypatch, capsys):
+    from hybridlab import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "status", interrupted)
+    assert main(["status"]) == 130
+    assert capsys.readouterr().err == "hybridlab status: interrupted\n"

@@ -66,8 +66,8 @@ def fresh_urls(storage_url: str) -> Iterator[list[str]]:
 
 def test_simultaneous_drivers_on_a_fresh_database_all_succeed(fresh_urls):
     # Imports take seconds under load: the first round starts well after every process is up.
-    first = time.time() + 20
-    rounds = json.dumps([[url, first + 5 * i] for i, url in enumerate(fresh_urls)])
+    first = time.time() + 12
+    rounds = json.dumps([[url, first + 3 * i] for i, url in enumerate(fresh_urls)])
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, TINY_SPACE, rounds],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(PROCESSES)]
