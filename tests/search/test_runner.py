@@ -119,6 +119,9 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     study = optuna.load_study(study_name="tiny", storage=url)
     assert len(finished(study)) == 3
     assert study.trials[victim].state == TrialState.FAIL
+    # Its worker died mid-training: the candidate says failed, not running.
+    (victim_candidate,) = [c for c in rows(url, Candidate, "tiny") if c.trial == victim]
+    assert victim_candidate.status == "failed" and "worker died" in victim_candidate.reason
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim]
     assert len(retries) == 1
     retry = retries[0]
