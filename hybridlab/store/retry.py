@@ -13,6 +13,7 @@ A retried write may have committed before its connection broke, so the non-idemp
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,8 +42,13 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, optuna.exceptions.StorageInternalError):
         return err.__cause__ is not None and is_transient(err.__cause__)
     if isinstance(err, sa.exc.DBAPIError):
-        return err.connection_invalidated or isinstance(
-            err, sa.exc.OperationalError | sa.exc.InterfaceError)
+        if err.connection_invalidated:
+            return True
+        if isinstance(err.orig, sqlite3.Error):
+            # SQLite's OperationalError also means "no such table" or "unable to open": only a
+            # lock held past the busy timeout is worth another try.
+            return "locked" in str(err.orig) or "busy" in str(err.orig)
+        return isinstance(err, sa.exc.OperationalError | sa.exc.InterfaceError)
     return False
 
 

@@ -244,3 +244,28 @@ def test_ctrl_c_outside_a_search_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "status", interrupted)
     assert main(["status"]) == 130
     assert capsys.readouterr().err == "hybridlab status: interrupted\n"
+
+
+def test_driver_starts_a_worker_again_only_while_a_slot_is_free(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=2, workers=2,
+                             artifacts_dir=tmp_path)
+    study = runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    opts = runner.begin_run(opts)
+    assert runner._work_left(study, opts)
+    engine = make_engine(url)
+    try:
+        with session_scope(engine) as session:
+            session.add_all([Slot(study="tiny", slot=i, owner="w") for i in (0, 1)])
+        assert not runner._work_left(study, opts)
+        with session_scope(engine) as session:
+            session.delete(session.get(Slot, ("tiny", 1)))
+        assert runner._work_left(study, opts)
+        # This run failed too often: nothing is started any more.
+        for _ in range(runner.max_failures(2)):
+            trial = study.ask()
+            trial.set_user_attr(runner.RUN_ATTR, opts.run_id)
+            study.tell(trial, state=TrialState.FAIL)
+        assert not runner._work_left(study, opts)
+    finally:
+        engine.dispose()

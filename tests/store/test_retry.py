@@ -1,5 +1,7 @@
 """Storage calls retried after a connection broke behind a committed write do not repeat it."""
 
+import sqlite3
+
 import optuna
 import pytest
 import sqlalchemy as sa
@@ -63,4 +65,8 @@ def test_only_transient_errors_are_retried():
         retrying(integrity)
     assert attempts == [0]
     assert is_transient(lost_connection())
+    no_table = sqlite3.OperationalError("no such table: hl_run")
+    assert not is_transient(sa.exc.OperationalError("SELECT", {}, no_table))
+    locked = sqlite3.OperationalError("database is locked")
+    assert is_transient(sa.exc.OperationalError("INSERT", {}, locked))
     assert not is_transient(optuna.exceptions.StorageInternalError("too long a string"))
