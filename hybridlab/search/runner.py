@@ -29,7 +29,11 @@ import optuna
 import sqlalchemy as sa
 import torch
 import yaml
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import (
+    RetryFailedTrialCallback,
+    RetryHeartbeatStaleTrialCallback,
+    fail_stale_trials,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 from hybridlab.config import ConfigError
@@ -540,6 +544,11 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
     while pending:
         done, pending = ray.wait(pending, timeout=opts.poll_seconds)
         if received:
+            # Killed, not asked: on a cluster the tasks would otherwise outlive ray.shutdown
+            # for a moment and write to trials the driver is about to fail.
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
             raise _Stop(received[0])
         for ref in done:
             try:
@@ -579,13 +588,18 @@ def _stop_run(ray, study: optuna.Study, opts: RunOptions) -> None:
     interrupted (a rerun resumes: failed trials free their slots)."""
     with contextlib.suppress(Exception):
         ray.shutdown()
+    # Optuna has no public call to fail another process's trial; its storage does it.
     storage = study._storage
+    retry = RetryFailedTrialCallback(max_retry=MAX_TRIAL_RETRIES)
     stopped = []
     for t in run_trials(study, opts.run_id):
         if t.state == TrialState.RUNNING:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 stopped.append(t.number)
+                # Queued again with its parameters, as a dead worker's trial is: the rerun
+                # resumes it from its checkpoint.
+                retry(study, storage.get_trial(t._trial_id))
     with open_engine(opts.storage_url) as engine:
         transaction(engine, lambda session: Candidate.fail_unfinished(
             session, opts.study, stopped, INTERRUPTED))

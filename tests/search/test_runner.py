@@ -207,3 +207,8 @@ def test_interrupted_search_stops_cleanly_and_resumes(tmp_path, signum):
         study = optuna.load_study(study_name="tiny", storage=url)
         assert len(finished(study)) == 3
         assert not study.get_trials(states=(TrialState.RUNNING,))
+        # Each interrupted trial was queued again with its parameters and finished.
+        for c in interrupted:
+            retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == c.trial]
+            assert len(retries) == 1 and retries[0].params == study.trials[c.trial].params
+            assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
