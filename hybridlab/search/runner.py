@@ -1,11 +1,16 @@
 """The search driver and its Ray workers.
 
-The driver validates the space, creates hybridlab's tables and the Optuna study once, then starts N
-Ray workers. Each worker loads the study by name and URL and runs one trial at a time, each on a
-claimed slot of the trial cap (see ``storage.Slot``), with Optuna heartbeats: a dead worker's
-trial goes stale, is failed and re-queued with the same parameters by Optuna's
-``RetryHeartbeatStaleTrialCallback``, and the retry resumes from the checkpoint its predecessor
-left. The database is the single source of truth, so a restarted driver continues the study.
+The driver checks everything it can refuse (options, space, storage, folders, a changed space)
+before Ray starts, creates hybridlab's tables and the Optuna study under a creation lock, records
+its run (``hl_run``), then starts N Ray workers. Each worker loads the study by name and URL and
+runs one trial at a time, each on a claimed slot of the trial cap (see ``store.Slot``), with
+Optuna heartbeats: a dead worker's trial goes stale, is failed and re-queued with the same
+parameters by Optuna's ``RetryHeartbeatStaleTrialCallback``, and the retry resumes from the
+checkpoint its predecessor left. A worker that finds every slot claimed exits, freeing its CPUs
+(the driver starts one again if a slot frees). SIGINT/SIGTERM stop the run: its running trials
+fail as interrupted and are queued again. The database is the single source of truth, so a
+restarted driver continues the study; storage calls ride out database outages
+(``store.retry``).
 """
 
 from __future__ import annotations
