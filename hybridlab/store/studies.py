@@ -53,8 +53,8 @@ def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) 
     names = study_names(storage)
     if study is None:
         if len(names) != 1:
-            raise StorageError(f"{display_url(storage)} holds studies {names}; "
-                               "choose one with --study")
+            raise StorageError(f"{display_url(storage)} holds studies {names}; choose one "
+                               f"with --storage {display_url(storage)} --study NAME")
         study = names[0]
     if study not in names:
         raise StorageError(f"no study {study!r} in {display_url(storage)} (studies: {names})")
