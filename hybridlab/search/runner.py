@@ -546,8 +546,12 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
     errors: list[str] = []
     worker_seconds = 0.0
     last = ""
-    while pending:
-        done, pending = ray.wait(pending, timeout=opts.poll_seconds)
+    while True:
+        if pending:
+            done, pending = ray.wait(pending, timeout=opts.poll_seconds)
+        else:
+            done = []
+            time.sleep(opts.poll_seconds)
         if received:
             # Killed, not asked: on a cluster the tasks would otherwise outlive ray.shutdown
             # for a moment and write to trials the driver is about to fail.
@@ -565,13 +569,21 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
         if line.split("]", 1)[1] != last:
             echo(line)
             last = line.split("]", 1)[1]
-        if done and len(pending) < opts.workers and next_rank < RANKS_PER_RUN \
-                and _work_left(study, opts):
-            # A worker exited while every slot was claimed, and one was freed since (a trial
-            # failed): start one again, with a fresh rank so its sampler does not replay.
-            pending.append(launch(next_rank))
-            next_rank += 1
-    return errors, worker_seconds
+        if len(pending) < opts.workers:
+            if not pending:
+                # No worker is left to notice a trial whose worker died: fail it here, so its
+                # retry is queued and its slot freed.
+                fail_stale_trials(study)
+                with open_engine(opts.storage_url) as engine:
+                    _sweep(engine, study, opts)
+            if next_rank < RANKS_PER_RUN and _work_left(study, opts):
+                # A worker exited while every slot was claimed, and one was freed since (a
+                # trial failed): start one again, with a fresh rank so its sampler does not
+                # replay.
+                pending.append(launch(next_rank))
+                next_rank += 1
+        if not pending and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return errors, worker_seconds
 
 
 def _work_left(study: optuna.Study, opts: RunOptions) -> bool:
