@@ -48,7 +48,7 @@ def load_arch(spec: str) -> ArchConfig:
 def inspect(args: argparse.Namespace) -> int:
     """Build an architecture, print its cost per layer, run it and decode a few tokens."""
     config = load_arch(args.config)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = args.contexts
     print(f"pattern {config.pattern}  layers {config.n_layers}  d_model {config.d_model}  "
           f"vocab {config.vocab_size}  hash {config.canonical_hash()}")
     reports = [cost_report(config, c) for c in contexts]
@@ -163,6 +163,11 @@ def train_command(args: argparse.Namespace) -> int:
     return 0 if result.status != "diverged" else 1
 
 
+def _context_list(text: str) -> list[int]:
+    """An argparse type: comma-separated context lengths, each an integer >= 1."""
+    return [_at_least_one(part.strip()) for part in text.split(",")]
+
+
 def _at_least_one(text: str) -> int:
     """An argparse type for counts and intervals: an integer >= 1 (argparse names the flag)."""
     try:
@@ -233,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
     p.add_argument("config", nargs="?", default="tiny-hybrid",
                    help="architecture file or preset name (default: tiny-hybrid)")
-    p.add_argument("--contexts", default="1024,8192,131072",
+    p.add_argument("--contexts", type=_context_list, default=[1024, 8192, 131072],
                    help="comma-separated context lengths for the cost table")
-    p.add_argument("--batch", type=int, default=4,
+    p.add_argument("--batch", type=_at_least_one, default=4,
                    help="sequences per forward pass for the throughput measurement")
-    p.add_argument("--seqlen", type=int, default=256,
+    p.add_argument("--seqlen", type=_at_least_one, default=256,
                    help="tokens per sequence for the throughput measurement")
-    p.add_argument("--generate", type=int, default=16, help="tokens to decode")
+    p.add_argument("--generate", type=_at_least_one, default=16, help="tokens to decode")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the throughput input and the decoded prompt")
 
