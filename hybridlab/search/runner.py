@@ -370,7 +370,9 @@ def progress_line(study: optuna.Study, trials: int, started: float) -> str:
     count = {state: 0 for state in TrialState}
     for t in all_trials:
         count[t.state] += 1
-    rejected = sum(1 for t in all_trials if "rejected" in t.user_attrs)
+    # A rejected candidate ends PRUNED; until then it is still running.
+    rejected = sum(1 for t in all_trials
+                   if t.state == TrialState.PRUNED and "rejected" in t.user_attrs)
     complete, pruned = count[TrialState.COMPLETE], count[TrialState.PRUNED]
     line = (f"[{time.perf_counter() - started:6.1f}s] finished {complete + pruned}/{trials} "
             f"(complete {complete}, pruned {pruned - rejected}, rejected {rejected}) "

@@ -269,3 +269,16 @@ def test_driver_starts_a_worker_again_only_while_a_slot_is_free(tmp_path):
         assert not runner._work_left(study, opts)
     finally:
         engine.dispose()
+
+
+def test_progress_counts_a_rejection_once_its_trial_is_pruned(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}")
+    running = study.ask()
+    # The objective records the rejection before the trial ends PRUNED.
+    running.set_user_attr("rejected", "over budget")
+    line = runner.progress_line(study, 3, 0.0)
+    assert "(complete 0, pruned 0, rejected 0) running 1" in line
+    study.tell(running, state=TrialState.PRUNED)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    line = runner.progress_line(study, 3, 0.0)
+    assert "finished 2/3 (complete 0, pruned 1, rejected 1) running 0" in line
