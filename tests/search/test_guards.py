@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from hybridlab.cli import main
 from hybridlab.search import runner
 from hybridlab.search.space import describe_pruner, parse_space
-from hybridlab.store import Candidate, Slot, make_engine, session_scope
+from hybridlab.store import Candidate, Slot, make_engine, open_engine, session_scope
 
 TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
 
@@ -164,12 +164,7 @@ def test_pruned_candidate_names_the_pruner_step_and_value(tmp_path, monkeypatch)
     study = runner.prepare_study(parse_space(text), text, opts)
     assert runner.worker_loop(text, None, opts, 0) == 1
     (trial,) = study.get_trials()
-    engine = make_engine(url)
-    try:
-        with session_scope(engine) as session:
-            candidate = Candidate.get(session, "tiny", trial.number)
-    finally:
-        engine.dispose()
+    candidate = _candidate(url, "tiny", trial.number)
     assert trial.state == TrialState.PRUNED and candidate.status == "pruned"
     value = trial.intermediate_values[10]
     assert candidate.reason == (f"pruned by {describe_pruner(parse_space(text))} at step 10: "
@@ -198,12 +193,7 @@ def test_corrupt_checkpoint_falls_back_and_the_trial_completes_saying_so(tmp_pat
     assert second.state == TrialState.COMPLETE
     (note,) = second.user_attrs["checkpoint_recovery"]
     assert newest.name in note and "failed verification" in note
-    engine = make_engine(url)
-    try:
-        with session_scope(engine) as session:
-            candidate = Candidate.get(session, "second", second.number)
-    finally:
-        engine.dispose()
+    candidate = _candidate(url, "second", second.number)
     assert candidate.status == "trained" and note in candidate.reason
 
 
@@ -282,3 +272,9 @@ def test_progress_counts_a_rejection_once_its_trial_is_pruned(tmp_path):
     study.tell(study.ask(), state=TrialState.PRUNED)
     line = runner.progress_line(study, 3, 0.0)
     assert "finished 2/3 (complete 0, pruned 1, rejected 1) running 0" in line
+
+
+def _candidate(url: str, study: str, trial: int) -> Candidate | None:
+    with open_engine(url) as engine, session_scope(engine) as session:
+        return Candidate.get(session, study, trial)
+
