@@ -61,8 +61,6 @@ class ModelSource:
         return f"{where}: {self.arch.pattern} ({self.arch.canonical_hash()}) from {self.checkpoint}"
 
 
-
-
 def _step_folder(path: Path) -> Path:
     if (path / MODEL_FILE).is_file():
         return path

@@ -233,8 +233,6 @@ def unify_attention(
     return chosen, changes + unified  # type: ignore[return-value]
 
 
-
-
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 

@@ -72,8 +72,6 @@ def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
     }
 
 
-
-
 class Objective:
     """The callable handed to ``study.optimize`` by each worker."""
 
