@@ -64,19 +64,32 @@ class PrivatePostgres:
     def _as_postgres(self, command: str) -> None:
         import subprocess
 
-        subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", command], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", command],
+                              capture_output=True, text=True)
+        if done.returncode:
+            log = Path(self.data, "server.log")
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
+            raise RuntimeError(f"{command!r} exited {done.returncode}: {done.stdout}{done.stderr}"
+                               f"\n--- server.log (end) ---\n{tail}")
+
+    # pg_ctl waits up to 60 s by default; a busy CI machine can need longer to shut down.
+    WAIT_S = 300
 
     def start(self) -> None:
+        # fsync off: a throwaway server, and its shutdown checkpoints stay quick on a slow disk.
         self._as_postgres(
-            f"{self.bin}/pg_ctl -D {self.data} -w -l {self.data}/server.log -o '-p {self.port} "
-            f"-k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200' start")
+            f"{self.bin}/pg_ctl -D {self.data} -w -t {self.WAIT_S} -l {self.data}/server.log "
+            f"-o '-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections=200 -c fsync=off' start")
 
     def stop(self) -> None:
-        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -m fast stop")
+        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -t {self.WAIT_S} -m fast stop")
 
     def restart(self) -> None:
-        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -m fast restart")
+        self._as_postgres(f"{self.bin}/pg_ctl -D {self.data} -w -t {self.WAIT_S} -m fast restart")
+
+    def running(self) -> bool:
+        return Path(self.data, "postmaster.pid").exists()
 
     def close(self) -> None:
         import shutil

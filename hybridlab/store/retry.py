@@ -152,7 +152,8 @@ for _name in (
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
     "get_study_system_attrs", "get_all_studies", "_set_trial_param", "get_trial_param",
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number", "get_trial", "_get_trials", "_get_best_trial_id",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "get_trial_user_attrs",
+    "get_trial_system_attrs", "_get_trials", "_get_best_trial_id",
     "record_heartbeat", "_get_stale_trial_ids",
 ):
     setattr(RetryingRDBStorage, _name, _retried(_name))

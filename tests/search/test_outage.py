@@ -23,6 +23,7 @@ def test_search_survives_postgres_restart_and_outage(tmp_path, private_postgres)
     space.write_text(SPACE)
     url = private_postgres.url
     events: dict[str, float] = {}
+    disturb_errors: list[BaseException] = []
 
     def disturb() -> None:
         engine = sa.create_engine(url)
@@ -46,15 +47,24 @@ def test_search_survives_postgres_restart_and_outage(tmp_path, private_postgres)
             time.sleep(10)
             private_postgres.start()
             events["outage_over"] = time.monotonic()
+        except BaseException as err:
+            disturb_errors.append(err)
         finally:
             engine.dispose()
+            # Whatever failed above, the search must not be left waiting for a stopped server.
+            if not private_postgres.running():
+                private_postgres.start()
 
     thread = threading.Thread(target=disturb, daemon=True)
     thread.start()
-    summary = run_search(space, storage_url=url, runs_dir=tmp_path / "runs",
-                         echo=lambda line: None, heartbeat_interval=1, grace_period=25)
-    ended = time.monotonic()
-    thread.join(timeout=60)
+    try:
+        summary = run_search(space, storage_url=url, runs_dir=tmp_path / "runs",
+                             echo=lambda line: None, heartbeat_interval=1, grace_period=25)
+    finally:
+        ended = time.monotonic()
+        thread.join(timeout=60)
+        # Raised here, a failed pg_ctl explains a search that failed for want of a server.
+        assert not disturb_errors, f"the test could not restart its server: {disturb_errors[0]}"
     assert "outage_over" in events and events["outage_over"] < ended, "search ended too early"
     assert summary.finished == 4
     study = optuna.load_study(study_name="tiny", storage=url)
