@@ -64,12 +64,19 @@ class PrivatePostgres:
     def _as_postgres(self, command: str) -> None:
         import subprocess
 
-        done = subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", command],
-                              capture_output=True, text=True)
+        import tempfile
+
+        # A file, not a pipe: the server that pg_ctl starts inherits the handle, and a pipe would
+        # keep this call waiting until the server exits.
+        with tempfile.TemporaryFile(mode="w+") as said:
+            done = subprocess.run(["su", "postgres", "-s", "/bin/sh", "-c", command],
+                                  stdout=said, stderr=subprocess.STDOUT)
+            said.seek(0)
+            message = said.read()
         if done.returncode:
             log = Path(self.data, "server.log")
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
-            raise RuntimeError(f"{command!r} exited {done.returncode}: {done.stdout}{done.stderr}"
+            raise RuntimeError(f"{command!r} exited {done.returncode}: {message}"
                                f"\n--- server.log (end) ---\n{tail}")
 
     # pg_ctl waits up to 60 s by default; a busy CI machine can need longer to shut down.

@@ -15,7 +15,7 @@ from hybridlab.store import Candidate
 pytestmark = pytest.mark.slow
 
 SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text().replace(
-    "steps: 20", "steps: 60").replace("checkpoint_every: 5", "checkpoint_every: 10")
+    "steps: 20", "steps: 300").replace("checkpoint_every: 5", "checkpoint_every: 30")
 
 
 def test_search_survives_postgres_restart_and_outage(tmp_path, private_postgres):
