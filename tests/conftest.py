@@ -63,7 +63,6 @@ class PrivatePostgres:
 
     def _as_postgres(self, command: str) -> None:
         import subprocess
-
         import tempfile
 
         # A file, not a pipe: the server that pg_ctl starts inherits the handle, and a pipe would
