@@ -40,6 +40,9 @@ class PrivatePostgres:
     """A throwaway PostgreSQL server of this test alone (the recipe of .ci/postgres.sh), which a
     test may restart or stop without disturbing the shared one."""
 
+    # pg_ctl waits up to 60 s by default; a busy CI machine can need longer to shut down.
+    WAIT_S = 300
+
     def __init__(self) -> None:
         import glob
         import shutil
@@ -77,9 +80,6 @@ class PrivatePostgres:
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
             raise RuntimeError(f"{command!r} exited {done.returncode}: {message}"
                                f"\n--- server.log (end) ---\n{tail}")
-
-    # pg_ctl waits up to 60 s by default; a busy CI machine can need longer to shut down.
-    WAIT_S = 300
 
     def start(self) -> None:
         # fsync off: a throwaway server, and its shutdown checkpoints stay quick on a slow disk.

@@ -6,6 +6,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.storages import RDBStorage
+from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 
 from hybridlab.store import RetryingRDBStorage, is_transient, retrying
@@ -70,3 +71,27 @@ def test_only_transient_errors_are_retried():
     locked = sqlite3.OperationalError("database is locked")
     assert is_transient(sa.exc.OperationalError("INSERT", {}, locked))
     assert not is_transient(optuna.exceptions.StorageInternalError("too long a string"))
+
+
+@pytest.mark.parametrize(("read", "model"), [
+    ("get_trial_user_attrs", "TrialUserAttributeModel"),
+    ("get_trial_system_attrs", "TrialSystemAttributeModel"),
+])
+def test_trial_attribute_reads_ride_out_a_lost_connection(tmp_path, monkeypatch, read, model):
+    storage = RetryingRDBStorage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    trial.set_user_attr("k", 1)
+    storage.set_trial_system_attr(trial._trial_id, "k", 1)
+    rows = getattr(optuna_models, model)
+    original, calls = rows.where_trial_id, []
+
+    def flaky(trial_id, session):
+        calls.append(1)
+        if len(calls) == 1:
+            raise lost_connection()
+        return original(trial_id, session)
+
+    monkeypatch.setattr(rows, "where_trial_id", staticmethod(flaky))
+    assert getattr(storage, read)(trial._trial_id)["k"] == 1
+    assert len(calls) == 2
