@@ -89,6 +89,10 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None):
 
 SLOW_SPACE = TINY_SPACE.replace("steps: 20", "steps: 60").replace(
     "checkpoint_every: 5", "checkpoint_every: 4").replace("trials: 4", "trials: 3")
+# Trials long enough that the signal lands mid-training: the driver notices it within its 2 s
+# poll, and a 60-step trial can finish in that time, leaving nothing to interrupt.
+LONG_SPACE = SLOW_SPACE.replace("steps: 60", "steps: 400").replace(
+    "checkpoint_every: 4", "checkpoint_every: 20")
 
 
 def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
@@ -174,7 +178,7 @@ def test_restarted_driver_continues_without_losing_or_repeating_trials(tmp_path)
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_search_stops_cleanly_and_resumes(tmp_path, signum):
-    space = write_space(tmp_path, SLOW_SPACE)
+    space = write_space(tmp_path, LONG_SPACE)
     runs = tmp_path / "runs"
     url = f"sqlite:///{runs / 'tiny.db'}"
     proc = run_cli(space, runs)
