@@ -240,3 +240,73 @@ class GenomeClaim(Base):
     trial: Mapped[int]
     owner: Mapped[str] = mapped_column(sa.String(255))
     claimed_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
+
+
+class PromotionRole(str, enum.Enum):
+    """What a promoted run stands for (``hl_promotion.role``)."""
+
+    CANDIDATE = "candidate"  # a top-K trial of the proxy search
+    TRANSFORMER = "transformer"  # baseline: the best candidate with every mixer attention
+    SSM = "ssm"  # baseline: the best candidate with every mixer a Mamba layer
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PromotionStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    TRAINED = "trained"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Promotion(Base):
+    """One promoted run: a proxy trial (or a baseline) extrapolated to a rung and retrained.
+
+    The run itself is trial ``run_trial`` of the rung's own Optuna study ``run_study`` (see
+    ``store.studies.rung_study_name``), so its candidate row, curve, evaluations and checkpoint sit
+    in the usual tables under that study, and ``status``, ``export`` and the dashboard read it as
+    they read any trial. ``proxy_value`` is the source trial's objective (None for baselines, which
+    have no proxy trial); ``value`` the same metric after training at the rung.
+    """
+
+    __tablename__ = "hl_promotion"
+    study: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    rung: Mapped[int] = mapped_column(primary_key=True)  # 1 for the first rung
+    # "trial:<n>" for a candidate, the role's name for a baseline: one run per key and rung.
+    key: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(sa.String(16))  # a PromotionRole value
+    source_trial: Mapped[int | None]
+    run_study: Mapped[str] = mapped_column(sa.String(255))
+    run_trial: Mapped[int | None]
+    status: Mapped[str] = mapped_column(sa.String(16))  # a PromotionStatus value
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    metric: Mapped[str] = mapped_column(sa.String(64))
+    proxy_value: Mapped[float | None]
+    value: Mapped[float | None]
+    genome_hash: Mapped[str] = mapped_column(sa.String(64))
+    pattern: Mapped[str] = mapped_column(sa.String(1024))
+    arch: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    params: Mapped[int] = mapped_column(sa.BigInteger)
+    source_params: Mapped[int] = mapped_column(sa.BigInteger)
+    strategy: Mapped[str] = mapped_column(sa.String(16))
+    target: Mapped[str] = mapped_column(sa.String(64))  # the rung's target, as written
+    workers: Mapped[int]  # data-parallel workers of the run
+    nodes: Mapped[list[str] | None] = mapped_column(sa.JSON)  # Ray nodes the run trained on
+    seconds: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+    @classmethod
+    def of_study(cls, session: Session, study: str, rung: int | None = None) -> list[Promotion]:
+        """The study's promoted runs (of one rung), by rung, then candidates before baselines."""
+        query = sa.select(cls).where(cls.study == study)
+        if rung is not None:
+            query = query.where(cls.rung == rung)
+        rows = session.scalars(query).all()
+        order = {role.value: i for i, role in enumerate(PromotionRole)}
+        return sorted(rows, key=lambda r: (r.rung, order.get(r.role, 99),
+                                           r.source_trial if r.source_trial is not None else -1))

@@ -7,6 +7,7 @@ export --best/--pareto`` all rank trials through :func:`best_trials` and :func:`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,25 @@ from hybridlab.store.engine import (
 )
 from hybridlab.store.models import WITH_WEIGHTS, Artifact, Candidate, CandidateStatus
 
+# A promotion rung trains in its own study beside the proxy study: "<study>.rung<k>".
+_RUNG_STUDY = re.compile(r"^(?P<study>.+)\.rung(?P<rung>[1-9][0-9]*)$")
+
+
+def rung_study_name(study: str, rung: int) -> str:
+    """The study that holds the promoted runs of ``study``'s rung ``rung`` (1-based)."""
+    return f"{study}.rung{rung}"
+
+
+def is_rung_study(name: str) -> bool:
+    return _RUNG_STUDY.match(name) is not None
+
 
 def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) -> tuple[str, str]:
     """(study name, storage URL) for a command that reads an existing study.
 
     Without ``--storage`` the database is ``runs/<study>.db``; without ``--study`` either, it is
     the only study database under ``runs_dir``. A missing SQLite file is refused, not created.
+    "The only study" does not count promotion rungs' studies (``rung_study_name``).
     """
     if storage is None:
         runs = Path(runs_dir).resolve()
@@ -52,10 +66,11 @@ def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) 
     require_database(storage)
     names = study_names(storage)
     if study is None:
-        if len(names) != 1:
+        searched = [name for name in names if not is_rung_study(name)]
+        if len(searched) != 1:
             raise StorageError(f"{display_url(storage)} holds studies {names}; choose one "
                                f"with --storage {display_url(storage)} --study NAME")
-        study = names[0]
+        study = searched[0]
     if study not in names:
         raise StorageError(f"no study {study!r} in {display_url(storage)} (studies: {names})")
     return study, storage
@@ -183,9 +198,6 @@ def trial_weights(engine: Engine, study: str, trial: int) -> TrialWeights:
                                f"study database recorded {artifact.sha256[:12]}...; it was "
                                "modified after training")
     return TrialWeights(candidate=cand, trained=owner, checkpoints=checkpoints)
-
-
-
 
 
 def set_trial_user_attrs(session: Session, study: str, trial: int,
