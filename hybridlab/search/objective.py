@@ -206,7 +206,8 @@ class Objective:
             result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
         if result.status == "stopped" and pruned_at:
             result = replace(result, reason=pruned_at[0])
-        self._store_run(trial.number, task, result)
+        store_train_result(self.engine, self.study, trial.number, task.name, result,
+                           suite=len(self.tasks) > 1)
         return result
 
     def _values(self, objectives: dict[str, Any]) -> float | list[float]:
@@ -289,55 +290,46 @@ class Objective:
             "reused_from": reused_from,
             "objectives": objectives,
         }
-
-        def upsert(session) -> None:
-            row = session.scalars(sa.select(Candidate).where(
-                Candidate.study == self.study, Candidate.trial == trial)).first()
-            if row is None:
-                session.add(Candidate(study=self.study, trial=trial, **values))
-            else:
-                for key, value in values.items():
-                    if value is not None or key in ("reason",):
-                        setattr(row, key, value)
-
-        transaction(self.engine, upsert)
-
-    def _store_run(self, trial: int, task: TaskData, result: TrainResult) -> None:
-        """Curve, final proxy metrics and checkpoint of one training run (replacing a retry's)."""
-        suite = len(self.tasks) > 1
-
-        def replace_rows(session) -> None:
-            own_curve = (CurvePoint.split.startswith(f"{task.name}/", autoescape=True) if suite
-                         else sa.true())
-            session.execute(sa.delete(CurvePoint).where(
-                CurvePoint.study == self.study, CurvePoint.trial == trial, own_curve))
-            session.execute(sa.delete(Evaluation).where(
-                Evaluation.study == self.study, Evaluation.trial == trial,
-                Evaluation.task == task.name))
-            session.execute(sa.delete(Artifact).where(
-                Artifact.study == self.study, Artifact.trial == trial,
-                Artifact.kind == f"{CHECKPOINT_KIND}{task.name}"))
-            for point in result.curve:
-                split = f"{task.name}/{point['split']}" if suite else point["split"]
-                session.add(CurvePoint(study=self.study, trial=trial, step=point["step"],
-                                       split=split, metric=point["metric"],
-                                       value=point["value"]))
-            for metric, value in result.metrics.items():
-                session.add(Evaluation(study=self.study, trial=trial, task=task.name,
-                                       metric=metric, value=value, stderr=None,
-                                       harness="hybridlab-proxy", harness_version=code_version()))
-            if result.checkpoint is not None:
-                weights = result.checkpoint / MODEL_FILE
-                session.add(Artifact(study=self.study, trial=trial,
-                                     kind=f"{CHECKPOINT_KIND}{task.name}",
-                                     path=str(result.checkpoint.resolve()),
-                                     sha256=sha256_file(weights)))
-
-        # Deleting first makes the whole write safe to repeat after an outage.
-        transaction(self.engine, replace_rows)
+        transaction(self.engine, lambda session: Candidate.upsert(
+            session, self.study, trial, values))
 
 
 def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
     """Per-metric mean over the runs of a suite (the metrics every run reported)."""
     shared = set.intersection(*(set(m) for m in runs))
     return {key: sum(m[key] for m in runs) / len(runs) for key in sorted(shared)}
+
+
+def store_train_result(engine: Engine, study: str, trial: int, task: str, result: TrainResult,
+                       *, suite: bool = False) -> None:
+    """Curve, final proxy metrics and checkpoint of one training run (replacing a retry's).
+
+    In a suite (several tasks per trial) curve splits are prefixed with the task's name.
+    """
+
+    def replace_rows(session) -> None:
+        own_curve = (CurvePoint.split.startswith(f"{task}/", autoescape=True) if suite
+                     else sa.true())
+        session.execute(sa.delete(CurvePoint).where(
+            CurvePoint.study == study, CurvePoint.trial == trial, own_curve))
+        session.execute(sa.delete(Evaluation).where(
+            Evaluation.study == study, Evaluation.trial == trial, Evaluation.task == task))
+        session.execute(sa.delete(Artifact).where(
+            Artifact.study == study, Artifact.trial == trial,
+            Artifact.kind == f"{CHECKPOINT_KIND}{task}"))
+        for point in result.curve:
+            split = f"{task}/{point['split']}" if suite else point["split"]
+            session.add(CurvePoint(study=study, trial=trial, step=point["step"], split=split,
+                                   metric=point["metric"], value=point["value"]))
+        for metric, value in result.metrics.items():
+            session.add(Evaluation(study=study, trial=trial, task=task, metric=metric,
+                                   value=value, stderr=None, harness="hybridlab-proxy",
+                                   harness_version=code_version()))
+        if result.checkpoint is not None:
+            weights = result.checkpoint / MODEL_FILE
+            session.add(Artifact(study=study, trial=trial, kind=f"{CHECKPOINT_KIND}{task}",
+                                 path=str(result.checkpoint.resolve()),
+                                 sha256=sha256_file(weights)))
+
+    # Deleting first makes the whole write safe to repeat after an outage.
+    transaction(engine, replace_rows)

@@ -85,9 +85,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RANKS_PER_RUN = 1000
 # Trial user attribute naming the run (``RunOptions.run_id``) that ran the trial.
 RUN_ATTR = "run"
-# Top-level space keys that say how to run, not what to search: a resumed study may change them.
-RUN_KEYS = ("trials", "workers", "resources")
+# Top-level space keys that say how to run or what follows the search, not what it searches: a
+# resumed study may change them.
+RUN_KEYS = ("trials", "workers", "resources", "promotion")
 INTERRUPTED = "interrupted"
+# Trial user attribute naming the Ray node whose worker ran the trial.
+NODE_ATTR = "ray_node"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,8 +313,13 @@ def worker_loop(space_text: str, source: str | None, opts: RunOptions, rank: int
 
     slot: int | None = None
 
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+
     def run_trial(trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr(RUN_ATTR, opts.run_id)
+        trial.set_user_attr(NODE_ATTR, node)
         transaction(engine, lambda session: session.execute(sa.update(Slot).where(
             Slot.study == opts.study, Slot.slot == slot).values(trial=trial.number)))
         return objective(trial)
@@ -524,6 +532,12 @@ def run_search(
         echo(f"lm-eval on the top {space.lm_eval.top_k} trial(s): {', '.join(space.lm_eval.tasks)}")
         evaluate_top_trials(url, name, space.lm_eval.tasks, top_k=space.lm_eval.top_k,
                             limit=space.lm_eval.limit, echo=echo)
+    if space.promotion is not None and summary.complete:
+        from hybridlab.search.promotion import promote
+
+        echo(f"promotion: top {space.promotion.top_k} and baselines "
+             f"{list(space.promotion.baselines)} at {len(space.promotion.rungs)} rung(s)")
+        promote(name, url, space=space, runs_dir=runs, ray_address=ray_address, echo=echo)
     return summary
 
 

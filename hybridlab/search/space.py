@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 
@@ -30,6 +30,9 @@ from hybridlab.config import (
 from hybridlab.cost import param_count
 from hybridlab.metrics import DEFAULT_OBJECTIVE, METRICS, metric_names
 from hybridlab.train import TrainConfig
+
+if TYPE_CHECKING:
+    from hybridlab.scale import Target
 
 LAYER_TYPES = tuple(LAYER_SPECS)
 MIXER_TYPES = ("mamba1", "mamba2", "attention")
@@ -119,6 +122,35 @@ class LMEvalStage:
     limit: float | None = None
 
 
+PROMOTION_BASELINES = ("transformer", "ssm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rung:
+    """One promotion rung: extrapolate to ``target`` by ``strategy`` and train with ``train``."""
+
+    target: Target
+    target_text: str  # as the space wrote it, for tables and the database
+    strategy: str
+    train: TrainConfig
+    workers_per_trial: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromotionStage:
+    """The ``top_k`` proxy winners and the baselines, retrained at each rung after the search.
+
+    A relative target ("4x") multiplies the largest parameter count among the ``top_k`` sources;
+    every run of a rung (candidates and baselines) aims at that one count, so they are compared
+    at equal parameters.
+    """
+
+    top_k: int
+    metric: str
+    baselines: tuple[str, ...]
+    rungs: tuple[Rung, ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     name: str
@@ -138,6 +170,7 @@ class SearchSpace:
     workers: int = 1
     resources: Resources = Resources()
     lm_eval: LMEvalStage | None = None
+    promotion: PromotionStage | None = None
     source: str | None = None
 
     @property
@@ -273,7 +306,7 @@ def _field_kinds(spec_cls: type) -> dict[str, type]:
 
 
 TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "sampler",
-            "pruner", "trials", "workers", "resources", "lm_eval")
+            "pruner", "trials", "workers", "resources", "lm_eval", "promotion")
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -345,6 +378,8 @@ def parse_space(
         resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
     )
     _check_feasible(r, space)
+    if "promotion" in top:
+        space = dataclasses.replace(space, promotion=_parse_promotion(r, top["promotion"], space))
     try:
         make_sampler(space, 0)
     except (TypeError, ValueError) as err:
@@ -627,6 +662,58 @@ def _parse_lm_eval(r: _Reader, data: Any) -> LMEvalStage | None:
         top_k=r.integer(d.get("top_k", 1), "lm_eval.top_k", minimum=1),
         limit=None if limit is None else r.number(limit, "lm_eval.limit", minimum=0),
     )
+
+
+def _parse_promotion(r: _Reader, data: Any, space: SearchSpace) -> PromotionStage:
+    from hybridlab.scale import STRATEGIES, parse_target
+    from hybridlab.search.objective import SUITES
+
+    d = r.mapping(data, "promotion", ("top_k", "baselines", "rungs"))
+    if space.task in SUITES:
+        raise r.error("promotion", f"promotes on one task; {space.task!r} is a suite")
+    metric = next((o.metric for o in space.objectives if METRICS[o.metric].kind == "task"), None)
+    if metric is None:
+        raise r.error("promotion", "needs a task metric among the objectives (e.g. "
+                      "bits_per_byte) to compare proxy and promoted runs")
+    baselines = d.get("baselines", list(PROMOTION_BASELINES))
+    if not isinstance(baselines, list):
+        raise r.error("promotion.baselines", f"must be a list drawn from "
+                      f"{list(PROMOTION_BASELINES)}, got {baselines!r}")
+    for i, name in enumerate(baselines):
+        r.one_of(name, f"promotion.baselines[{i}]", PROMOTION_BASELINES)
+    rungs_data = d.get("rungs")
+    if not isinstance(rungs_data, list) or not rungs_data:
+        raise r.error("promotion.rungs", "must be a non-empty list of "
+                      "{scale, strategy, train, workers_per_trial}")
+    rungs = []
+    for i, item in enumerate(rungs_data):
+        path = f"promotion.rungs[{i}]"
+        rd = r.mapping(item, path, ("scale", "strategy", "train", "workers_per_trial"))
+        if "scale" not in rd:
+            raise r.error(f"{path}.scale", "missing (e.g. {params: 4x} or {params: 1M})")
+        try:
+            target = parse_target(rd["scale"], field=f"{path}.scale")
+        except ConfigError as err:
+            raise r.error(err.field, err.message) from None
+        strategy = r.one_of(rd.get("strategy", "both"), f"{path}.strategy", STRATEGIES)
+        overrides = r.mapping(rd.get("train"), f"{path}.train",
+                              [f.name for f in dataclasses.fields(TrainConfig)])
+        if "seed" in overrides:
+            raise r.error(f"{path}.train.seed", "is the space's seed; set it at the top level")
+        try:
+            train = dataclasses.replace(space.train, **overrides)
+        except ConfigError as err:
+            raise r.error(f"{path}.train.{err.field}", err.message) from None
+        workers = r.integer(rd.get("workers_per_trial", 1), f"{path}.workers_per_trial",
+                            minimum=1)
+        if train.batch_size % workers:
+            raise r.error(f"{path}.workers_per_trial", f"batch_size {train.batch_size} must "
+                          f"split evenly over {workers} workers (it is the global batch)")
+        rungs.append(Rung(target=target, target_text=target.describe(), strategy=strategy,
+                          train=train, workers_per_trial=workers))
+    return PromotionStage(
+        top_k=r.integer(d.get("top_k", 3), "promotion.top_k", minimum=1),
+        metric=metric, baselines=tuple(baselines), rungs=tuple(rungs))
 
 
 def _parse_budgets(r: _Reader, data: Any) -> Budgets:

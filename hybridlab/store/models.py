@@ -121,6 +121,18 @@ class Candidate(Base):
         return result.rowcount
 
     @classmethod
+    def upsert(cls, session: Session, study: str, trial: int, values: dict[str, Any]) -> None:
+        """Create the trial's row, or update it with every value that is not None (a reason
+        is always written: None clears an earlier one)."""
+        row = cls.get(session, study, trial)
+        if row is None:
+            session.add(cls(study=study, trial=trial, **values))
+            return
+        for key, value in values.items():
+            if value is not None or key == "reason":
+                setattr(row, key, value)
+
+    @classmethod
     def studies(cls, session: Session) -> list[str]:
         return sorted(session.scalars(sa.select(cls.study).distinct()).all())
 
