@@ -91,6 +91,9 @@ class DashboardApp:
             return self._guarded(start_response, lambda: self.database.snapshot(name))
         if path == "/hl/api/curves":
             return self._guarded(start_response, lambda: self._curves(query))
+        if path == "/hl/api/promotion":
+            study = query.get("study", [""])[0]
+            return self._guarded(start_response, lambda: self.database.promotion(study))
         if path in ("/optuna", "/optuna/"):
             return _respond(start_response, "302 Found", b"", "text/plain",
                             [("Location", "/dashboard")])

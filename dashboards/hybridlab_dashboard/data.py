@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
 from hybridlab.cost import cost_report
 from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
+from hybridlab.search.validation import RungValidation, study_validation
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -281,9 +282,7 @@ class StudyDatabase:
             "trials": rows,
             "evaluations": evaluations,
         }
-        text = json.dumps(snapshot, sort_keys=True, default=str)
-        snapshot["revision"] = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return snapshot
+        return _with_revision(snapshot)
 
     def _trial(self, study: str, t: FrozenTrial, c: Any, names: list[str]) -> dict[str, Any]:
         attrs = t.user_attrs
@@ -323,13 +322,25 @@ class StudyDatabase:
                                              database_args=self._database_args),
         }
 
-    def curves(self, study: str, trials: Iterable[int]) -> list[dict[str, Any]]:
-        """Learning curves of the given trials: one series per (trial, split, metric)."""
-        wanted = sorted(set(trials))
+    def _ready(self) -> Engine:
         state = self.state()
         if state.state != "ready":
             raise DatabaseUnavailable(state.message)
-        with self._connect().connect() as conn:
+        return self._connect()
+
+    def promotion(self, study: str) -> dict[str, Any]:
+        """The study's promotion rungs for the proxy vs promoted charts: each run's proxy and
+        promoted values, the correlation and winners (``rungs`` is empty for a study with no
+        promoted runs, or a database older than promotion). Its own revision: promoted runs
+        land in the rung studies, so the study's snapshot does not change when they finish."""
+        rungs = [_rung(v) for v in study_validation(self._ready(), study)]
+        return _with_revision({"study": study, "rungs": rungs})
+
+    def curves(self, study: str, trials: Iterable[int]) -> list[dict[str, Any]]:
+        """Learning curves of the given trials: one series per (trial, split, metric)."""
+        wanted = sorted(set(trials))
+        engine = self._ready()
+        with engine.connect() as conn:
             if not wanted or not sa.inspect(conn).has_table(CurvePoint.__tablename__):
                 return []
             points = conn.execute(
@@ -345,6 +356,35 @@ class StudyDatabase:
             entry["steps"].append(step)
             entry["values"].append(value)
         return list(series.values())
+
+
+def _with_revision(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with a short hash of its content, by which the page sees that it changed."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    payload["revision"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return payload
+
+
+def _rung(validation: RungValidation) -> dict[str, Any]:
+    best = validation.best_baseline
+    return {
+        "rung": validation.rung,
+        "metric": validation.metric,
+        "direction": validation.direction,
+        "target": validation.target,
+        "strategy": validation.strategy,
+        "run_study": validation.run_study,
+        "heading": validation.heading(),
+        "correlation": asdict(validation.correlation) | {
+            "text": validation.correlation.describe()},
+        "summary": validation.summary(),
+        "proxy_winner": validation.proxy_winner,
+        "promoted_winner": validation.promoted_winner,
+        "winner_kept": validation.winner_kept,
+        "best_baseline": best.role if best is not None else None,
+        "beats_baselines": validation.beats_baselines,
+        "runs": [asdict(run) | {"trained": run.trained} for run in validation.runs],
+    }
 
 
 def _objective_names(user_attrs: dict[str, Any], count: int) -> list[str]:

@@ -169,9 +169,13 @@ class RungValidation:
     def run_study(self) -> str:
         return self.runs[0].run_study
 
+    def heading(self) -> str:
+        """``rung 1 (4x params, both)``: the rung, its target as written and its strategy."""
+        return f"rung {self.rung} ({self.target}, {self.strategy})"
+
     def title(self) -> str:
-        """``rung 1 (4x, both): Spearman ... over 3 candidates`` (or why there is none)."""
-        return f"rung {self.rung} ({self.target}, {self.strategy}): {self.correlation.describe()}"
+        """``rung 1 (4x params, both): Spearman ... over 3 candidates`` (or why there is none)."""
+        return f"{self.heading()}: {self.correlation.describe()}"
 
     def summary(self) -> str:
         """Two lines for ``hybridlab status``: correlation, winner and baselines; how to read

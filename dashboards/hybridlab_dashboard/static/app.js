@@ -26,6 +26,7 @@ const view = {
   // Until the user picks trials, the comparison follows the study's best trials as they change.
   picked: false,
   curvesKey: null,
+  promotion: null,
   timer: null,
 };
 
@@ -169,9 +170,11 @@ function scale(values, range, { log = false, base2 = false, integer = false } = 
 }
 
 const FRAME = { width: 380, height: 250, left: 60, right: 14, top: 26, bottom: 40 };
+// Proxy vs promoted: wider, with a second title line for the rank correlation and room on the
+// right for the baselines' labels.
+const PROMOTION_FRAME = { ...FRAME, width: 560, height: 300, top: 42, right: 100 };
 
-function frame(title, xLabel, yLabel, xs, ys, xFormat, yFormat) {
-  const f = FRAME;
+function frame(title, xLabel, yLabel, xs, ys, xFormat, yFormat, f = FRAME) {
   const svg = s("svg", { class: "chart", width: f.width, height: f.height, viewBox: `0 0 ${f.width} ${f.height}` });
   svg.append(s("text", { class: "title", x: f.left, y: 16 }, title));
   for (const v of xs.ticks()) {
@@ -193,8 +196,7 @@ function frame(title, xLabel, yLabel, xs, ys, xFormat, yFormat) {
   return svg;
 }
 
-function emptyChart(title, message) {
-  const f = FRAME;
+function emptyChart(title, message, f = FRAME) {
   return s("svg", { class: "chart", width: f.width, height: f.height, viewBox: `0 0 ${f.width} ${f.height}` },
     s("text", { class: "title", x: f.left, y: 16 }, title),
     s("text", { class: "empty", x: f.width / 2, y: f.height / 2, "text-anchor": "middle" }, message));
@@ -277,6 +279,58 @@ function renderStructure() {
     xMinimize: true,
     quality: view.quality,
   })));
+}
+
+function betterText(direction) {
+  return { maximize: "higher is better", minimize: "lower is better" }[direction] || "direction unknown";
+}
+
+// A promotion rung: x the candidate's value at proxy scale, y the same metric after promotion.
+// Baselines have no proxy value, so they are horizontal lines at their promoted value.
+function promotionChart(rung) {
+  const f = PROMOTION_FRAME;
+  const format = metricFormat(rung.metric);
+  const points = rung.runs.filter((r) => r.role === "candidate" && r.trained && r.proxy_value !== null);
+  const baselines = rung.runs.filter((r) => r.role !== "candidate" && r.trained);
+  let svg;
+  if (!points.length) {
+    svg = emptyChart(rung.heading, "no promoted candidate trained yet", f);
+  } else {
+    const xs = scale(points.map((r) => r.proxy_value), [f.left, f.width - f.right]);
+    const ys = scale([...points, ...baselines].map((r) => r.value), [f.height - f.bottom, f.top]);
+    svg = frame(rung.heading, `${rung.metric} at proxy scale`,
+      `${rung.metric} promoted (${betterText(rung.direction)})`, xs, ys, format, format, f);
+    for (const b of baselines) {
+      const y = ys(b.value);
+      svg.append(s("g", { class: `baseline ${b.role}`, "data-role": b.role },
+        s("line", { x1: f.left, x2: f.width - f.right, y1: y, y2: y }),
+        s("text", { x: f.width - f.right + 4, y: y + 3 }, `${b.role} ${format(b.value)}`),
+        s("title", {}, `${b.role} baseline (${b.pattern}, ${count(b.params)} params): ${format(b.value)}`)));
+    }
+    for (const r of points) {
+      const [x, y] = [xs(r.proxy_value), ys(r.value)];
+      const winner = r.source_trial === rung.proxy_winner;
+      svg.append(s("g", { class: "candidate", "data-trial": r.source_trial },
+        s("circle", { class: ["pt", winner && "winner"].filter(Boolean).join(" "), cx: x, cy: y, r: winner ? 6 : 4.5 }),
+        s("text", { class: "pt-label", x: x + 7, y: y - 6 }, `#${r.source_trial}`),
+        s("title", {}, `#${r.source_trial} ${r.pattern}: proxy ${format(r.proxy_value)}, promoted `
+          + `${format(r.value)} (${count(r.source_params)} -> ${count(r.params)} params)`)));
+    }
+  }
+  svg.id = `promotion-rung-${rung.rung}`;
+  svg.append(s("text", { class: "subtitle", x: f.left, y: 32 }, rung.correlation.text));
+  const legend = h("div", { class: "series-legend" },
+    h("span", {}, h("span", { class: "swatch candidate" }), " candidate, labelled by its proxy trial (ringed: proxy winner)"),
+    [...new Set(rung.runs.filter((r) => r.role !== "candidate").map((r) => r.role))].map((role) =>
+      h("span", {}, h("span", { class: `swatch line ${role}` }), ` ${role} baseline`)));
+  return h("div", { class: "curve-chart promotion-chart" }, svg, legend,
+    h("p", { class: "muted summary" }, rung.summary));
+}
+
+function renderPromotion() {
+  const rungs = view.promotion?.rungs || [];
+  document.getElementById("promotion-section").hidden = !rungs.length;
+  document.getElementById("promotion").replaceChildren(...rungs.map(promotionChart));
 }
 
 function tooltipBody(trial) {
@@ -550,6 +604,12 @@ async function refresh() {
         view.revision = data.revision;
         renderStudy();
       }
+      // Promoted runs finish in the rung studies, so this has a revision of its own.
+      const promotion = await getJSON(`/hl/api/promotion?study=${encodeURIComponent(view.study)}`);
+      if (promotion.revision !== view.promotion?.revision) {
+        view.promotion = promotion;
+        renderPromotion();
+      }
     }
     stamp(`updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
@@ -563,7 +623,7 @@ async function refresh() {
 
 document.getElementById("study").addEventListener("change", (event) => {
   view.study = event.target.value;
-  Object.assign(view, { data: null, revision: null, selected: new Set(), picked: false, curvesKey: null });
+  Object.assign(view, { data: null, revision: null, selected: new Set(), picked: false, curvesKey: null, promotion: null });
   history.replaceState(null, "", `?study=${encodeURIComponent(view.study)}`);
   refresh();
 });
