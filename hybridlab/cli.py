@@ -28,6 +28,7 @@ from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
+from hybridlab.scale import STRATEGIES
 from hybridlab.train import TrainConfig, settings_key, train
 from hybridlab.units import format_bytes
 from hybridlab_dashboard import add_dashboard_arguments, dashboard_command
@@ -205,6 +206,48 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def scale_command(args: argparse.Namespace) -> int:
+    """Extrapolate an architecture (a file, a preset or a study's trial) to a larger size and
+    write it as arch.yaml; prints the source beside the result."""
+    from hybridlab.scale import ScaleError, parse_target, scale
+
+    flags = {"strategy": "--strategy", "context": "--context"}
+    try:
+        target = parse_target(args.to, field="--to")
+        source, origin = _scale_source(args)
+        scaled = scale(source, target, strategy=args.strategy, context=args.context,
+                       scale_d_state=args.scale_d_state)
+    except ScaleError as err:
+        raise ScaleError(flags.get(err.field, "--to"), err.message) from None
+    print(f"{origin} -> {target.describe()} by {args.strategy}")
+    print(scaled.report())
+    scaled.config.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _scale_source(args: argparse.Namespace) -> tuple[ArchConfig, str]:
+    """The architecture ``scale`` starts from, and a phrase saying where it came from."""
+    by_trial = args.best or args.trial is not None
+    if args.arch is not None and by_trial:
+        flag = "--best" if args.best else "--trial"
+        raise ConfigError(flag, f"give ARCH ({args.arch}) or {flag}, not both")
+    if args.arch is not None:
+        return load_arch(args.arch), args.arch
+    if not by_trial:
+        raise ConfigError("ARCH", "give an architecture (file or preset), or --best or "
+                          "--trial N with --study")
+    from hybridlab.export.study import select_archs
+
+    chosen = select_archs(args.study, selection="best" if args.best else args.trial,
+                          storage=args.storage, runs_dir=args.runs_dir)
+    if len(chosen.trials) > 1:
+        numbers = ", ".join(str(t.trial.number) for t in chosen.trials)
+        raise ConfigError("--best", f"{chosen.description}; scale writes one architecture: "
+                          f"choose one of trials {numbers} with --trial N")
+    return chosen.trials[0].arch, f"{chosen.description} of study {chosen.study!r}"
+
+
 class _VersionAction(argparse.Action):
     """``--version``: the release and the code it runs; git is asked only when the flag is given."""
 
@@ -227,6 +270,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": export_command,
     "dashboard": dashboard_command,
     "eval": eval_command,
+    "scale": scale_command,
 }
 
 
@@ -296,6 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help=eval_command.__doc__, description=eval_command.__doc__)
     add_eval_arguments(ev)
+
+    sc = sub.add_parser("scale", help=scale_command.__doc__, description=scale_command.__doc__)
+    sc.add_argument("arch", nargs="?", help="architecture file or preset name (or use --best / "
+                    "--trial with --study)")
+    which = sc.add_mutually_exclusive_group()
+    which.add_argument("--best", action="store_true",
+                       help="start from the study's best trial (single objective only)")
+    which.add_argument("--trial", type=int, metavar="N", help="start from trial N of the study")
+    sc.add_argument("--study", help="study name (default: the only study in the database)")
+    sc.add_argument("--storage", help="database URL (default: sqlite:///<runs-dir>/<study>.db)")
+    sc.add_argument("--runs-dir", default="runs", help="where the default database lives")
+    sc.add_argument("--to", required=True, metavar="TARGET",
+                    help="parameters (1.3B, 350M, 125k) or a ratio of the source's (4x)")
+    sc.add_argument("--strategy", default="both", choices=STRATEGIES,
+                    help="stack: repeat the layer unit; stretch: widen every layer; both "
+                         "(default): width and depth together (see hybridlab.scale)")
+    sc.add_argument("--context", type=int, default=4096,
+                    help="context length of the reported FLOPs/token and inference state")
+    sc.add_argument("--scale-d-state", action="store_true",
+                    help="grow the SSM state size with d_model (default: keep it)")
+    sc.add_argument("--out", default="arch.yaml", help="where to write the scaled architecture")
     return parser
 
 

@@ -53,6 +53,11 @@ class Provenance:
     checkpoint_sha256: str | None = None
     checkpoint_step: int | None = None
     state_context: int | None = None
+    # Set for an extrapolated architecture exported without weights: the sentence that labels
+    # it ("extrapolated from trial N by <strategy> to <target>; no weights") and the
+    # source-vs-scaled table of hybridlab.scale.
+    untrained: str | None = None
+    scale_report: str | None = None
 
     @property
     def seq_length(self) -> int | None:
@@ -72,7 +77,7 @@ class Provenance:
             "task": self.task, "task_fingerprint": self.task_fingerprint,
             "corpus_hash": self.corpus_hash, "trained_with": self.code_version,
             "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256,
-            "checkpoint_step": self.checkpoint_step,
+            "checkpoint_step": self.checkpoint_step, "untrained": self.untrained,
         }
 
 
@@ -123,6 +128,8 @@ def model_card(card: CardInput) -> str:
         lines += [f"Exported {card.created} by {card.exported_by} from {origin}.", ""]
     else:
         lines += [f"Exported {card.created} by {card.exported_by}.", ""]
+    if prov.untrained is not None:
+        lines += [f"**Untrained**: {prov.untrained}. Train it from scratch.", ""]
     if card.changes:
         lines += ["**Lossy export**: the config here is the closest the format can express, not "
                   "the trained architecture, and no weights were written; see LOSSY.md.", ""]
@@ -168,6 +175,8 @@ def model_card(card: CardInput) -> str:
                         [(e.task, e.metric, e.value, "-" if e.stderr is None else e.stderr,
                           e.harness) for e in prov.evaluations])
 
+    if prov.scale_report is not None:
+        lines += ["## Extrapolation", "", "```text", prov.scale_report, "```", ""]
     lines += ["## Layers", ""]
     lines += _table(["#", "layer"], [(i, f"`{describe(s, arch.d_model)}`")
                                      for i, s in enumerate(arch.layers)])
@@ -175,7 +184,9 @@ def model_card(card: CardInput) -> str:
     lines += [f"- `{name}`" for name in card.files]
     lines += ["- `export.json`: this export's manifest (format, changes, sha256 of every file)",
               ""]
-    weights = {None: "none (see LOSSY.md)" if card.changes else "none",
+    unweighted = ("none (untrained: a config to train from scratch)" if prov.untrained
+                  else "none (see LOSSY.md)" if card.changes else "none")
+    weights = {None: unweighted,
                "hybridlab": "hybridlab's parameter names (`HybridLM.state_dict()`)",
                "mamba_ssm": "mamba_ssm's `MambaLMHeadModel` names"}[card.weights]
     lines += [f"Weights: {weights}.", ""]

@@ -7,6 +7,7 @@ import sys
 
 from hybridlab.export.common import ExportError
 from hybridlab.export.writer import FORMATS
+from hybridlab.scale import STRATEGIES, ScaleError, parse_target
 from hybridlab.store import StorageError
 
 
@@ -30,18 +31,44 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the format cannot represent the architecture, write its "
                              "closest config without weights and list every change (LOSSY.md)")
     parser.add_argument("--task", help="which task's checkpoint, for a study trained on a suite")
+    parser.add_argument("--scale-to", metavar="TARGET",
+                        help="export the architecture extrapolated to TARGET parameters (1.3B, "
+                             "350M, or 4x the trial's): config only, untrained, no weights")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="with --scale-to: stack, stretch or both (default; see "
+                             "hybridlab.scale)")
+    parser.add_argument("--scale-d-state", action="store_true",
+                        help="with --scale-to: grow the SSM state size with d_model")
 
 
 def export_command(args: argparse.Namespace) -> int:
     """Export the best, Pareto-optimal or one chosen trial of a study in a trainer's format."""
-    from hybridlab.export.study import export_study
+    from hybridlab.export.study import export_scaled, export_study
 
     selection = "best" if args.best else "pareto" if args.pareto else args.trial
     try:
-        done = export_study(
-            args.study, selection=selection, fmt=args.format, out=args.out,
-            storage=args.storage, lossy=args.lossy, task=args.task, runs_dir=args.runs_dir,
-        )
+        if args.scale_to is None:
+            for flag, given in (("--strategy", args.strategy), ("--scale-d-state",
+                                                               args.scale_d_state)):
+                if given:
+                    raise ScaleError(flag, "applies only with --scale-to")
+            done = export_study(
+                args.study, selection=selection, fmt=args.format, out=args.out,
+                storage=args.storage, lossy=args.lossy, task=args.task, runs_dir=args.runs_dir,
+            )
+        else:
+            if args.task is not None:
+                raise ScaleError("--task", "an extrapolated export has no checkpoint to choose")
+            done = export_scaled(
+                args.study, selection=selection, fmt=args.format, out=args.out,
+                target=parse_target(args.scale_to, field="--scale-to"),
+                strategy=args.strategy or "both", scale_d_state=args.scale_d_state,
+                storage=args.storage, lossy=args.lossy, runs_dir=args.runs_dir,
+            )
+    except ScaleError as err:
+        flag = err.field if err.field.startswith("--") else "--scale-to"
+        print(f"hybridlab export: error: {flag}: {err.message}", file=sys.stderr)
+        return 2
     except (ExportError, StorageError) as err:
         print(f"hybridlab export: error: {err}", file=sys.stderr)
         return 2
@@ -51,7 +78,8 @@ def export_command(args: argparse.Namespace) -> int:
     for result in done.exports:
         kind = result.format + (f" ({result.flavour})" if result.flavour else "")
         state = "faithful" if result.faithful else f"LOSSY, {len(result.changes)} changes"
-        print(f"wrote {result.folder}: {kind}, {state}, weights: {result.weights or 'none'}")
+        weights = result.weights or ("none (untrained)" if args.scale_to else "none")
+        print(f"wrote {result.folder}: {kind}, {state}, weights: {weights}")
         for change in result.changes:
             print(f"  changed {change.describe()}")
         for note in result.notes:

@@ -362,11 +362,12 @@ def from_mamba_ssm(
     return arch, out
 
 
-def write(model: HybridLM, folder: Path, fitted: MambaSSMFit) -> list[str]:
-    """Write config.json and, for a faithful fit, the weights in mamba_ssm's names (safetensors
-    and the ``pytorch_model.bin`` that ``MambaLMHeadModel.from_pretrained`` reads)."""
+def write(model: HybridLM | None, folder: Path, fitted: MambaSSMFit) -> list[str]:
+    """Write config.json and, for a faithful fit of a model, the weights in mamba_ssm's names
+    (safetensors and the ``pytorch_model.bin`` that ``MambaLMHeadModel.from_pretrained`` reads);
+    without a model (an untrained architecture), config.json alone."""
     (folder / CONFIG_FILE).write_text(json.dumps(config_dict(fitted.target), indent=2) + "\n")
-    if not fitted.faithful:
+    if model is None or not fitted.faithful:
         return [CONFIG_FILE]
     state = to_mamba_ssm(model.config, fitted.blocks,
                          {k: v.detach().cpu() for k, v in model.state_dict().items()})

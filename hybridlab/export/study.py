@@ -1,15 +1,19 @@
-"""Pick trials from a study database and export them with their verified trained weights.
+"""Pick trials from a study database and export them with their verified trained weights, or
+extrapolated to a larger size as untrained configs.
 
 The architecture comes from the trial's ``Candidate.arch``; the weights from the checkpoint
 ``Artifact`` of the trial that trained them (for a reused genome, ``Candidate.reused_from``),
 checked against the database's sha256 and the checkpoint's own hashes before anything is written.
+``export_scaled`` needs no weights: it extrapolates the architecture (``hybridlab.scale``) and
+writes the config alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -20,9 +24,11 @@ from hybridlab.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint
 from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.export.card import EvalRow, OptimizedValue, Provenance
 from hybridlab.export.common import ExportError, atomic_folder, write_json
-from hybridlab.export.writer import ExportResult, write_export
+from hybridlab.export.writer import ExportResult, write_config_export, write_export
 from hybridlab.model import HybridLM
+from hybridlab.scale import ScaleError, Strategy, Target, scale
 from hybridlab.store import (
+    Candidate,
     Evaluation,
     StorageError,
     best_trials,
@@ -170,29 +176,150 @@ def export_study(
             weights_of[item.weights_trial] = trial.number
             chosen.append(item)
 
-    out = Path(out)
+    entries = [_Entry(trial=item.trial, pattern=item.arch.pattern,
+                      write=lambda folder, item=item: write_export(
+                          item.build(), fmt, folder, lossy=lossy, provenance=item.provenance))
+               for item in chosen]
+    return _write_selection(Path(out), entries, own_folders=selection == "pareto", index={
+        "study": name, "selection": description, "format": fmt, "skipped": skipped})
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One export to write: its trial, its pattern, and the function that writes its folder."""
+
+    trial: FrozenTrial
+    pattern: str
+    write: Callable[[Path], ExportResult]
+
+
+def _write_selection(
+    out: Path, entries: list[_Entry], *, own_folders: bool, index: dict[str, Any],
+) -> StudyExport:
+    """Write one entry to ``out`` itself (unless ``own_folders``), or each to
+    ``out/trial_NNNN/`` with a ``selection.json`` listing them (``index`` plus the trials)."""
     results: list[ExportResult] = []
     with atomic_folder(out) as tmp:
-        if len(chosen) == 1 and selection != "pareto":
-            results.append(write_export(chosen[0].build(), fmt, tmp, lossy=lossy,
-                                        provenance=chosen[0].provenance))
+        if len(entries) == 1 and not own_folders:
+            results.append(entries[0].write(tmp))
         else:
-            for item in chosen:
-                sub = tmp / f"trial_{item.trial.number:04d}"
+            for entry in entries:
+                sub = tmp / f"trial_{entry.trial.number:04d}"
                 sub.mkdir()
-                results.append(write_export(item.build(), fmt, sub, lossy=lossy,
-                                            provenance=item.provenance))
-            write_json(tmp / SELECTION_FILE, {
-                "study": name, "selection": description, "format": fmt, "skipped": skipped,
-                "trials": [{"trial": i.trial.number, "folder": f"trial_{i.trial.number:04d}",
-                            "values": i.trial.values, "pattern": i.arch.pattern}
-                           for i in chosen],
-            })
+                results.append(entry.write(sub))
+            write_json(tmp / SELECTION_FILE, {**index, "trials": [
+                {"trial": e.trial.number, "folder": f"trial_{e.trial.number:04d}",
+                 "values": e.trial.values, "pattern": e.pattern} for e in entries]})
     results = [_moved(r, tmp, out) for r in results]
-    return StudyExport(out=out, description=description, exports=tuple(results),
-                       skipped=tuple(skipped))
+    return StudyExport(out=out, description=index["selection"], exports=tuple(results),
+                       skipped=tuple(index["skipped"]))
 
 
 def _moved(result: ExportResult, tmp: Path, out: Path) -> ExportResult:
     """The result with its folder under ``out`` instead of the temporary folder."""
     return replace(result, folder=out / result.folder.relative_to(tmp))
+
+
+@dataclass(frozen=True)
+class TrialArch:
+    """A chosen trial and the architecture its candidate row records."""
+
+    trial: FrozenTrial
+    arch: ArchConfig
+    status: str
+
+
+@dataclass(frozen=True)
+class ArchSelection:
+    """The outcome of ``select_archs``: which study, how the trials were chosen, their archs."""
+
+    study: str
+    storage: str
+    description: str
+    objectives: tuple[str, ...]
+    trials: tuple[TrialArch, ...]
+
+
+def select_archs(
+    study: str | None, *, selection: Selection, storage: str | None = None,
+    runs_dir: str | Path = "runs",
+) -> ArchSelection:
+    """The architectures of the chosen trials (as ``export_study`` chooses them), from
+    ``Candidate.arch``; no weights are needed, so any trial whose architecture was sampled
+    qualifies. Raises ExportError naming a trial without one."""
+    name, url = resolve_study(study, storage, runs_dir)
+    loaded = load_study(name, url)
+    trials, description = _select(loaded, selection)
+    chosen = []
+    with open_engine(url) as engine, session_scope(engine) as session:
+        for trial in trials:
+            cand = Candidate.get(session, name, trial.number)
+            if cand is None or cand.arch is None:
+                raise ExportError(f"trial {trial.number} of study {name!r} has no recorded "
+                                  "architecture (it ended before one was sampled)")
+            try:
+                arch = ArchConfig.from_dict(cand.arch, source=f"trial {trial.number} arch")
+            except ConfigError as err:
+                raise ExportError(str(err)) from None
+            chosen.append(TrialArch(trial=trial, arch=arch, status=cand.status))
+    names = tuple(loaded.user_attrs.get("objectives", [f"value{i}" for i in
+                                                      range(len(loaded.directions))]))
+    return ArchSelection(study=name, storage=url, description=description, objectives=names,
+                         trials=tuple(chosen))
+
+
+def export_scaled(
+    study: str | None,
+    *,
+    selection: Selection,
+    target: Target,
+    fmt: str,
+    out: str | Path,
+    strategy: Strategy = "both",
+    scale_d_state: bool = False,
+    storage: str | None = None,
+    lossy: bool = False,
+    runs_dir: str | Path = "runs",
+) -> StudyExport:
+    """Export the chosen trials' architectures extrapolated to ``target``: configs only, no
+    weights, labelled untrained in the model card and export.json; all or nothing.
+
+    Every format takes a config without weights (hybridlab: arch.yaml; mamba_ssm and hf:
+    config.json; megatron: its arguments), so none is refused for lacking them. Each
+    extrapolation is done before anything is written; trials with the same architecture are
+    exported once. Folders are laid out as ``export_study`` lays them out.
+    """
+    chosen = select_archs(study, selection=selection, storage=storage, runs_dir=runs_dir)
+    skipped: list[str] = []
+    first_of: dict[str, int] = {}
+    entries = []
+    for item in chosen.trials:
+        number = item.trial.number
+        genome = item.arch.canonical_hash()
+        if genome in first_of:
+            skipped.append(f"trial {number}: the same architecture as trial "
+                           f"{first_of[genome]}, exported once")
+            continue
+        first_of[genome] = number
+        try:
+            scaled = scale(item.arch, target, strategy=strategy, scale_d_state=scale_d_state)
+        except ScaleError as err:
+            raise ScaleError(err.field, f"trial {number}: {err.message}") from None
+        values = ", ".join(f"{n} = {v:.6g}" for n, v in
+                           zip(chosen.objectives, item.trial.values or [], strict=False))
+        label = (f"extrapolated from trial {number} of study `{chosen.study}` (pattern "
+                 f"{item.arch.pattern}, {scaled.source_cost.params:,} parameters"
+                 + (f"; proxy {values}" if values else "")
+                 + f") by {strategy} to {target.describe()}; no weights")
+        provenance = Provenance(study=chosen.study, trial=number,
+                                storage=display_url(chosen.storage), status=item.status,
+                                state_context=scaled.cost.context, untrained=label,
+                                scale_report=scaled.report())
+        entries.append(_Entry(trial=item.trial, pattern=scaled.config.pattern,
+                              write=lambda folder, arch=scaled.config, prov=provenance:
+                              write_config_export(arch, fmt, folder, lossy=lossy,
+                                                  provenance=prov)))
+    description = f"{chosen.description}, extrapolated by {strategy} to {target.describe()}"
+    return _write_selection(Path(out), entries, own_folders=selection == "pareto", index={
+        "study": chosen.study, "selection": description, "format": fmt, "skipped": skipped,
+        "untrained": True})

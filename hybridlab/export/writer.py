@@ -12,6 +12,7 @@ from safetensors.torch import load_model, save_model
 
 from hybridlab import code_version
 from hybridlab.config import ArchConfig
+from hybridlab.cost import param_count
 from hybridlab.export import hf, mamba_ssm, megatron
 from hybridlab.export.card import CardInput, Provenance, lossy_md, model_card
 from hybridlab.export.common import (
@@ -55,6 +56,10 @@ class ExportResult:
 
 
 def _usage(fmt: str, flavour: str | None, weights: str | None) -> str:
+    if fmt == "hybridlab" and weights is None:
+        return ("```python\nfrom hybridlab.config import ArchConfig\nfrom hybridlab.model import "
+                "HybridLM\n\nmodel = HybridLM(ArchConfig.load(\"<this folder>/arch.yaml\"))"
+                "  # untrained: train from scratch\n```")
     if fmt == "hybridlab":
         return ("```python\nfrom hybridlab.export import load_hybridlab\n\n"
                 "model = load_hybridlab(\"<this folder>\")  # verifies export.json's hashes\n```")
@@ -98,10 +103,28 @@ def write_export(
     provenance: Provenance | None = None,
 ) -> ExportResult:
     """Write ``model`` in ``fmt`` into the existing empty ``folder`` (not atomic by itself)."""
+    return _write(model.config, model, fmt, folder, lossy=lossy, provenance=provenance)
+
+
+def write_config_export(
+    arch: ArchConfig, fmt: str, folder: Path, *, lossy: bool = False,
+    provenance: Provenance | None = None,
+) -> ExportResult:
+    """Write the architecture alone, no weights, in ``fmt`` into the existing empty ``folder``.
+
+    Every format takes a config without weights (none of them needs weights to describe a
+    model); no model is built, so this works for architectures too large to instantiate here.
+    """
+    return _write(arch, None, fmt, folder, lossy=lossy, provenance=provenance)
+
+
+def _write(
+    arch: ArchConfig, model: HybridLM | None, fmt: str, folder: Path, *, lossy: bool,
+    provenance: Provenance | None,
+) -> ExportResult:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     prov = provenance or Provenance()
-    arch = model.config
     seq_length = prov.seq_length or DEFAULT_SEQ_LENGTH
     extra_notes: list[str] = []
     if fmt in ("megatron", "hf") and prov.seq_length is None:
@@ -111,14 +134,14 @@ def write_export(
     weights: str | None = None
     if fmt == "hybridlab":
         fitted = Fit()
-        files = [_save_weights(model, folder, WEIGHTS_FILE)]
-        weights = "hybridlab"
+        files = [] if model is None else [_save_weights(model, folder, WEIGHTS_FILE)]
+        weights = None if model is None else "hybridlab"
     elif fmt == "mamba_ssm":
         ssm_fit = mamba_ssm.fit(arch)
         _check(fmt, ssm_fit, lossy=lossy)
         fitted, target = ssm_fit, ssm_fit.target
         files = mamba_ssm.write(model, folder, ssm_fit)
-        weights = "mamba_ssm" if fitted.faithful else None
+        weights = "mamba_ssm" if fitted.faithful and model is not None else None
     elif fmt == "megatron":
         mega_fit = megatron.fit(arch)
         _check(fmt, mega_fit, lossy=lossy)
@@ -131,7 +154,7 @@ def write_export(
             raise ExportRefused(fmt, {name: f.changes for name, f in candidates.items()})
         fitted, flavour = hf_fit, hf_fit.flavour
         files = hf.write(folder, hf_fit)
-    if fmt in ("megatron", "hf") and fitted.faithful:
+    if fmt in ("megatron", "hf") and fitted.faithful and model is not None:
         files.append(_save_weights(model, folder, FOREIGN_WEIGHTS_FILE))
         weights = "hybridlab"
 
@@ -143,8 +166,9 @@ def write_export(
     notes = (*fitted.notes, *extra_notes)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     exported_by = f"hybridlab {code_version()}"
+    params = param_count(arch) if model is None else sum(p.numel() for p in model.parameters())
     card = CardInput(
-        arch=arch, params=sum(p.numel() for p in model.parameters()), fmt=fmt, flavour=flavour,
+        arch=arch, params=params, fmt=fmt, flavour=flavour,
         files=files, weights=weights, changes=fitted.changes, notes=notes,
         usage=_usage(fmt, flavour, weights), created=created, exported_by=exported_by,
         provenance=prov,
@@ -159,6 +183,7 @@ def write_export(
         "weights": None if weights is None else {"file": weights_file, "naming": weights},
         "architecture": {"file": ARCH_FILE, "pattern": arch.pattern,
                          "genome_hash": arch.canonical_hash(), "params": card.params},
+        "untrained": prov.untrained,
         "changes": [c.to_dict() for c in fitted.changes], "notes": list(notes),
         "source": prov.to_dict(), "created": created, "exported_by": exported_by,
         "files": hashes,
@@ -189,6 +214,10 @@ def load_hybridlab(folder: str | Path, *, device: str = "cpu") -> HybridLM:
     folder = Path(folder)
     manifest = verify_export(folder)
     weights = manifest.get("weights")
+    if not weights and manifest.get("untrained"):
+        raise ExportError(f"{folder}: an untrained export ({manifest['untrained']}) has no "
+                          "weights; build it with HybridLM(ArchConfig.load(\"<folder>/arch.yaml"
+                          "\"))")
     if not weights or weights["naming"] != "hybridlab":
         raise ExportError(f"{folder}: this {manifest['format']} export has no hybridlab-named "
                           "weights")
