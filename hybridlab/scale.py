@@ -19,9 +19,9 @@ candidates to 350M-3B parameters (8B in its v2) with two strategies, *stacking* 
 - **both** (the default): stretch and stack at once, depth following width as the GPT-3 model
   family does (Brown et al., arXiv 2005.14165, Table 2.1: from 125M, 12 layers x 768, to 175B,
   96 layers x 12288, width grows x16 and depth x8): depth ratio = width ratio ** 0.75. Of the
-  (lattice width, whole unit count) pairs within tolerance of the goal, it takes the one whose
-  depth is nearest that rule; usually the rule rounded down or up, further only where the
-  lattice is too coarse for those to land within tolerance.
+  (lattice width, whole unit count) pairs whose unit count is that rule rounded down or up at
+  their width, it takes the one nearest the goal; where the lattice is too coarse for any of
+  them to land within tolerance, the pair within tolerance whose depth is nearest the rule.
 - **The width lattice.** d_model must keep every layer valid after the stretch: whole KV heads
   (d_model a multiple of d / gcd(d, n_kv_heads) for source width d) and whole Mamba-2 heads in
   whole groups (expand * d_model a multiple of headdim * ngroups). Those values are the
@@ -357,6 +357,11 @@ class _Grower:
         """Units that ``both``'s rule gives at ``d_model``: depth ratio = width ratio ** 0.75."""
         return self.repeats * (d_model / self.d_model) ** DEPTH_EXPONENT
 
+    def follows_rule(self, shape: _Shape) -> bool:
+        """Whether ``shape``'s unit count is ``both``'s rule rounded down or up at its width."""
+        ruled = self.ruled_repeats(shape.d_model)
+        return math.floor(ruled) <= shape.repeats <= math.ceil(ruled)
+
     def off_rule(self, shape: _Shape) -> float:
         """How far ``shape``'s depth is from ``both``'s rule at its width, as a log ratio."""
         return abs(math.log(shape.repeats / self.ruled_repeats(shape.d_model)))
@@ -379,7 +384,7 @@ class _Grower:
                     "ratio, ngroups and MLP multiplier kept, d_state "
                     + ("scaled" if self.scale_d_state else "kept"))
         ruled = self.ruled_repeats(shape.d_model)
-        taken = ("rounded" if math.floor(ruled) <= shape.repeats <= math.ceil(ruled) else
+        taken = ("rounded" if self.follows_rule(shape) else
                  "the nearest whole count that lands within tolerance")
         return (f"both: d_model {self.d_model} -> {shape.d_model} (x{width:.3g}; {lattice}), "
                 f"depth {self.source.n_layers} -> {layers} layers (x{depth:.3g}, {unit} x "
@@ -448,10 +453,12 @@ def _search(grower: _Grower, strategy: str, goal: float, kind: str,
         return abs(_relative(grower.measure(s, kind), goal))
 
     within = [s for s in candidates if miss(s) <= tolerance]
+    ruled = [s for s in within if grower.follows_rule(s)]
+    if strategy == "both" and within and not ruled:
+        return min(within, key=lambda s: (grower.off_rule(s), miss(s)))
     if within:
-        if strategy == "both":
-            return min(within, key=lambda s: (grower.off_rule(s), miss(s)))
-        return min(within, key=lambda s: (miss(s), grower.measure(s, kind)))
+        return min(ruled if strategy == "both" else within,
+                   key=lambda s: (miss(s), grower.measure(s, kind)))
 
     def show(s: _Shape) -> str:
         value = grower.measure(s, kind)

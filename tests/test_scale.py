@@ -226,7 +226,7 @@ def ruled_units(source: ArchConfig, d_model: int) -> float:
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
 @pytest.mark.parametrize("ratio", [4, 12])
-def test_both_takes_the_shape_nearest_its_depth_rule_of_all_within_tolerance(name, ratio):
+def test_both_follows_its_depth_rule_nearest_the_goal_by_brute_force(name, ratio):
     source = SOURCES[name]
     unit = repeating_unit(source.layers)
     goal = ratio * param_count(source)
@@ -236,18 +236,22 @@ def test_both_takes_the_shape_nearest_its_depth_rule_of_all_within_tolerance(nam
         stretched = reference_stretch(source, d)
         if stretched is None:
             continue
-        for units in range(1, 8 * ratio):
+        for units in range(len(source.layers) // len(unit), 8 * ratio):
             config = dataclasses.replace(stretched, layers=stretched.layers[:len(unit)] * units)
-            if abs(param_count(config) / goal - 1) <= 0.05 and units * len(unit) >= \
-                    source.n_layers:
-                within.append((abs(math.log(units / ruled_units(source, d))), config))
-    scaled = scale(source, Target(params=goal)).config
+            miss = abs(param_count(config) / goal - 1)
+            if miss <= 0.05:
+                ruled = ruled_units(source, d)
+                within.append((math.floor(ruled) <= units <= math.ceil(ruled),
+                               abs(math.log(units / ruled)), miss, config))
     assert within, "the brute force found nothing; widen its ranges"
-    best = min(off for off, _ in within)
-    assert next(c for off, c in within if off == best).d_model == scaled.d_model
-    assert abs(math.log(scaled.n_layers // len(unit) / ruled_units(source, scaled.d_model))) \
-        == pytest.approx(best)
-    check_counts(scale(source, Target(params=goal)))
+    rounded = [w for w in within if w[0]]
+    # The rule rounded, nearest the goal; else the depth nearest the rule.
+    expected = (min(rounded, key=lambda w: w[2]) if rounded
+                else min(within, key=lambda w: (w[1], w[2])))[3]
+    scaled = scale(source, Target(params=goal))
+    assert scaled.config == expected
+    assert ("is rounded" in scaled.rule) == bool(rounded)
+    check_counts(scaled)
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
