@@ -76,9 +76,6 @@ _KINDS = ("params", "ratio", "flops_per_token", "d_model", "depth")
 class ScaleError(ConfigError):
     """An extrapolation cannot be done as asked; ``field`` names the flag or field at fault."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(field, message)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Target:
@@ -115,7 +112,7 @@ class Target:
         return self.d_model is not None or self.depth is not None
 
     def describe(self) -> str:
-        """"1.3B params", "4x params", "2.6G FLOPs/token", "d_model 1024, depth 24"."""
+        """The target in words: 1.3B params, 4x params, 2.6G FLOPs/token, d_model 1024, depth 24."""
         if self.params is not None:
             return f"{format_scaled(self.params, PARAMS)} params"
         if self.ratio is not None:
