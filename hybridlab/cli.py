@@ -248,6 +248,24 @@ def _scale_source(args: argparse.Namespace) -> tuple[ArchConfig, str]:
     return chosen.trials[0].arch, f"{chosen.description} of study {chosen.study!r}"
 
 
+def promote_command(args: argparse.Namespace) -> int:
+    """Extrapolate a finished study's best trials (and a transformer and a pure-SSM baseline) to
+    each rung of its space's promotion section, retrain them and record them; rerun to resume."""
+    from hybridlab.search.promotion import load_stage, promote
+    from hybridlab.search.status import study_table
+    from hybridlab.store import load_study, resolve_study
+
+    name, url = resolve_study(args.study, args.storage, args.runs_dir)
+    space = load_stage(load_study(name, url), name, args.space)
+    summary = promote(name, url, space=space, runs_dir=args.runs_dir,
+                      ray_address=args.ray_address)
+    times = ", ".join(f"rung {k} {v:.1f} s" for k, v in summary.seconds_per_rung.items())
+    print(f"done: {summary.trained} promoted runs trained, {summary.skipped} already trained "
+          f"({times})")
+    print(study_table(name, url, runs_dir=args.runs_dir))
+    return 0
+
+
 class _VersionAction(argparse.Action):
     """``--version``: the release and the code it runs; git is asked only when the flag is given."""
 
@@ -271,6 +289,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "dashboard": dashboard_command,
     "eval": eval_command,
     "scale": scale_command,
+    "promote": promote_command,
 }
 
 
@@ -330,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--study either, the only study database in --runs-dir)")
     st.add_argument("--runs-dir", default="runs",
                     help="where the default databases <runs-dir>/<study>.db live")
+
+    pr = sub.add_parser("promote", help=promote_command.__doc__,
+                        description=promote_command.__doc__)
+    pr.add_argument("--study", help="study name (default: the only study in the database)")
+    pr.add_argument("--storage", help="database URL (default: sqlite:///<runs-dir>/<study>.db)")
+    pr.add_argument("--runs-dir", default="runs", help="databases and checkpoints")
+    pr.add_argument("--space", help="a space file whose promotion section to run (default: the "
+                    "space the study was created with)")
+    pr.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     add_export_arguments(e)

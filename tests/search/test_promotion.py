@@ -290,3 +290,21 @@ def test_a_promoted_run_killed_mid_training_resumes_from_its_checkpoint(corpus, 
     trial = load_study(rung_study_name("promo", 1), url).get_trials()[0]
     assert trial.user_attrs["resumed_from_step"] >= 5
     assert any("resumed from step" in line for line in lines)
+
+
+def test_promote_command_refuses_a_space_without_promotion(corpus, tmp_path, capsys):
+    from hybridlab.cli import main
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    text = space_text(corpus, tmp_path / "cache", rung="2x")
+    without = text[:text.index("promotion:")]
+    make_proxy_study(f"sqlite:///{runs / 'promo.db'}", without)
+    assert main(["promote", "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "promotion: the stored space of study 'promo' has no promotion section" in err
+    other = tmp_path / "other.yaml"
+    other.write_text(text.replace("top_k: 2", "top_k: 0"))
+    assert main(["promote", "--runs-dir", str(runs), "--space", str(other)]) == 2
+    assert "promotion.top_k: must be >= 1" in capsys.readouterr().err
+    assert not list(runs.glob("promo/checkpoints/*"))
