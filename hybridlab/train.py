@@ -2,7 +2,9 @@
 
 The trainer knows nothing of the search: evaluation results go to an optional callback (the search
 reports them to Optuna for pruning; returning True stops training), and the outcome, including why
-training stopped, comes back as a ``TrainResult`` the caller records.
+training stopped, comes back as a ``TrainResult`` the caller records. With ``DataParallel`` it
+trains as one rank of a torch.distributed group that the caller set up (``search.distributed``
+does it on Ray Train); the trainer itself never imports a cluster framework.
 """
 
 from __future__ import annotations
@@ -16,20 +18,26 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from hybridlab.checkpoint import load_latest_checkpoint, save_checkpoint
+from hybridlab.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from hybridlab.config import ConfigError
 from hybridlab.data.task import Batch, TaskData
+from hybridlab.errors import HybridlabError
 from hybridlab.metrics import METRICS, metric_names
 from hybridlab.model import HybridLM
 
 Status = Literal["completed", "solved", "budget", "stopped", "diverged"]
+T = TypeVar("T")
 EvalCallback = Callable[[int, dict[str, float]], bool | None]
 # "bar": a tqdm bar for terminals; "lines": one flushed line per log interval, for pipes and logs.
 Progress = Literal["bar", "lines", "off"]
@@ -136,6 +144,85 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataParallel:
+    """This process's place in a data-parallel run: rank ``rank`` of ``world_size``.
+
+    The caller has initialised the default torch.distributed process group (gloo on CPU, nccl on
+    CUDA, with ``cfg.device`` naming this rank's GPU).
+    """
+
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"data_parallel.{name}", f"must be an integer, got {value!r}")
+        _require(self.world_size >= 1, "data_parallel.world_size", "must be >= 1")
+        _require(0 <= self.rank < self.world_size, "data_parallel.rank",
+                 f"must be in 0..{self.world_size - 1}, got {self.rank}")
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch of ``batch_size`` (which the world size divides)."""
+        local = batch_size // self.world_size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+
+class RankZeroError(HybridlabError, RuntimeError):
+    """Raised on the other ranks when a step that only rank 0 runs (checkpoint, callback) failed
+    there; rank 0 raises the original error."""
+
+
+def _check_data_parallel(dp: DataParallel, cfg: TrainConfig) -> None:
+    if cfg.batch_size % dp.world_size:
+        raise ConfigError("batch_size", f"the global batch of {cfg.batch_size} must split "
+                          f"evenly over the {dp.world_size} data-parallel ranks")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("data_parallel", "the default torch.distributed process group is not "
+                          "initialised; call torch.distributed.init_process_group first")
+    group = (dist.get_rank(), dist.get_world_size())
+    if group != (dp.rank, dp.world_size):
+        raise ConfigError("data_parallel", f"says rank {dp.rank} of {dp.world_size} but the "
+                          f"process group is rank {group[0]} of {group[1]}")
+
+
+def _on_rank_zero(dp: DataParallel | None, fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone, its value (or failure) handed to every rank.
+
+    Decisions that differ by process (clocks, the callback) and writes to the shared folder go
+    through here, so the ranks never disagree on when to stop, and a failure on rank 0 ends every
+    rank instead of leaving the others waiting in the next collective.
+    """
+    if dp is None:
+        return fn()
+    payload: list[Any] = [None]
+    if dp.rank == 0:
+        try:
+            payload[0] = (True, fn())
+        except BaseException as err:
+            dist.broadcast_object_list([(False, f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise RankZeroError(f"rank 0 failed: {value}")
+    return value
+
+
+class _ScoredForward(nn.Module):
+    """``scored_logits`` as a module's forward: DistributedDataParallel wraps ``forward`` only,
+    and its gradient hooks must see every training step."""
+
+    def __init__(self, model: HybridLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
+        return scored_logits(self.model, Batch(inputs, targets))
+
+
 @dataclass
 class TrainResult:
     status: Status
@@ -213,21 +300,41 @@ def scored_logits(model: HybridLM, batch: Batch) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def evaluate(
-    model: HybridLM, task: TaskData, *, batch_size: int, precision: str = "auto"
+    model: HybridLM, task: TaskData, *, batch_size: int, precision: str = "auto",
+    data_parallel: DataParallel | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy at the scored positions of the task's fixed test set (+ bits/byte)."""
+    """Loss and accuracy at the scored positions of the task's fixed test set (+ bits/byte).
+
+    With ``data_parallel`` the ranks take the test batches in turn and share their per-batch sums;
+    every rank then adds them up in batch order, so all ranks get the metrics a single process
+    computes from the same weights, to the bit.
+    """
     was_training = model.training
     model.eval()
-    total_loss, total_correct, total_scored = 0.0, 0, 0
-    for batch in task.eval_batches(batch_size):
+    sums: list[tuple[float, int, int]] = []  # per test batch: loss sum, correct, scored
+    for i, batch in enumerate(task.eval_batches(batch_size)):
+        if data_parallel is not None and i % data_parallel.world_size != data_parallel.rank:
+            sums.append((0.0, 0, 0))
+            continue
         batch = batch.to(model.device)
         with _autocast(model.device, precision):
             logits, targets = scored_logits(model, batch)
         if targets.numel() == 0:
+            sums.append((0.0, 0, 0))
             continue
-        total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        total_correct += int((logits.argmax(-1) == targets).sum())
-        total_scored += targets.numel()
+        sums.append((float(F.cross_entropy(logits.float(), targets, reduction="sum")),
+                     int((logits.argmax(-1) == targets).sum()), targets.numel()))
+    if data_parallel is not None:
+        # Each batch has one rank's sums and zeros elsewhere: adding zeros is exact, so the
+        # all-reduce loses nothing whatever its order (counts stay exact in float64 below 2**53).
+        shared = torch.tensor(sums, dtype=torch.float64, device=model.device).reshape(-1, 3)
+        dist.all_reduce(shared)
+        sums = [(loss, int(correct), int(scored)) for loss, correct, scored in shared.tolist()]
+    total_loss, total_correct, total_scored = 0.0, 0, 0
+    for loss, correct, scored in sums:
+        total_loss += loss
+        total_correct += correct
+        total_scored += scored
     model.train(was_training)
     if total_scored == 0:
         raise ValueError(f"task {task.name!r}: the evaluation set has no scored positions")
@@ -235,6 +342,30 @@ def evaluate(
     if task.metric == "bits_per_byte":
         metrics["bits_per_byte"] = metrics["loss"] / math.log(2) / task.bytes_per_token
     return metrics
+
+
+def _load(
+    checkpoint_dir: str | Path | None, model: HybridLM, dp: DataParallel | None
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest verified checkpoint: (path, train state, recovery notes), or (None, None, []).
+
+    Data-parallel: rank 0 picks it (setting corrupt ones aside, which must happen once), then
+    every rank loads that same checkpoint from the shared folder.
+    """
+    if checkpoint_dir is None:
+        return None, None, []
+    if dp is None:
+        return load_latest_checkpoint(checkpoint_dir, model)
+    picked: dict[str, Any] = {}
+
+    def pick() -> tuple[Path | None, list[str]]:
+        found, picked["state"], recovered = load_latest_checkpoint(checkpoint_dir, model)
+        return found, recovered
+
+    found, recovered = _on_rank_zero(dp, pick)
+    if dp.rank == 0:
+        return found, picked["state"], recovered
+    return found, (load_checkpoint(found, model) if found is not None else None), recovered
 
 
 def train(
@@ -246,6 +377,7 @@ def train(
     callback: EvalCallback | None = None,
     progress: Progress | bool = "off",
     progress_stream: TextIO | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``task``; resumes from the newest verified checkpoint in the folder.
 
@@ -257,18 +389,50 @@ def train(
     Stops at ``cfg.steps`` ("completed"), once an evaluation reaches ``cfg.target`` ("solved"),
     at a token or time budget ("budget"), when the callback returns True ("stopped"), or on a
     non-finite loss ("diverged", with the step in the reason).
+
+    ``data_parallel``: this process is one rank of a data-parallel run; every rank calls
+    ``train`` with the same model seed, task, config and (shared) checkpoint folder.
+
+    - ``cfg.batch_size`` is the global batch. Every rank draws the whole batch from the same
+      seeded data generator and trains on its rows ``rank*B/W:(rank+1)*B/W`` (W must divide B,
+      else ConfigError naming batch_size), so the data order, the generator state in
+      checkpoints, ``tokens`` and the curve do not depend on the world size.
+    - The model is wrapped in DistributedDataParallel. Each rank's loss is its sum over scored
+      positions divided by the global count of scored positions (known on every rank from the
+      whole batch) and scaled by W against DDP's gradient averaging, so the synchronised
+      gradient is the single-process one however the scored positions fall across ranks.
+      Clipping sees that synchronised gradient; the logged train loss is the global mean
+      (all-reduced), and a non-finite one ends every rank as "diverged" at the same step.
+    - Evaluation: the ranks take the test batches in turn and share their sums (``evaluate``):
+      every rank gets the metrics a single process gets from the same weights.
+    - Rank 0 alone writes checkpoints, in the single-process format, while the others wait; on
+      resume rank 0 picks the checkpoint and every rank loads it. A checkpoint resumes under any
+      world size that divides the batch, single-process included, with the same data order: only
+      the order of floating-point reductions differs, so the curve matches to rounding.
+    - The callback, the time budget and ``progress`` run on rank 0 alone; its decisions are
+      broadcast so every rank stops at the same step. A failure there raises the original error
+      on rank 0 and ``RankZeroError`` on the others. Every rank returns the same result, except
+      ``seconds`` (each rank's own clock; rank 0's is the one checkpoints keep).
     """
+    dp = data_parallel
     mode = ("bar" if progress else "off") if isinstance(progress, bool) else progress
     if mode not in PROGRESS_MODES:
         raise ConfigError("progress", f"must be one of {', '.join(PROGRESS_MODES)}, got "
                           f"{progress!r}")
+    if dp is not None and dp.rank != 0:
+        mode = "off"
     stream = progress_stream if progress_stream is not None else sys.stderr
     if task.vocab_size > model.config.vocab_size:
         raise ConfigError("vocab_size", f"the task needs {task.vocab_size} tokens but the "
                           f"model has {model.config.vocab_size}")
+    if dp is not None:
+        _check_data_parallel(dp, cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    if dp is not None and device.type == "cuda":
+        # nccl collectives (object broadcasts included) run on the current device.
+        torch.cuda.set_device(device)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     data_rng = torch.Generator().manual_seed(cfg.seed)
@@ -277,8 +441,7 @@ def train(
     metrics: dict[str, float] = {}
     evaluated_at = -1
     running_loss, running_count = 0.0, 0
-    found, state, recovered = (load_latest_checkpoint(checkpoint_dir, model)
-                               if checkpoint_dir is not None else (None, None, []))
+    found, state, recovered = _load(checkpoint_dir, model, dp)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         data_rng.set_state(state["data_rng"])
@@ -295,6 +458,10 @@ def train(
         metrics = {c["metric"]: c["value"] for c in curve
                    if c["step"] == step and c["split"] == "test"}
         evaluated_at = step if metrics else -1
+    # Built after loading: DDP broadcasts rank 0's weights to the others when it is created.
+    forward = (DistributedDataParallel(
+        _ScoredForward(model), device_ids=[device.index] if device.type == "cuda" else None)
+        if dp is not None else None)
 
     start = time.perf_counter()
 
@@ -309,13 +476,37 @@ def train(
             "step": step, "tokens": tokens, "seconds": elapsed(), "curve": curve,
             "running_loss": running_loss, "running_count": running_count,
         }
-        return save_checkpoint(checkpoint_dir, step, model=model, train_state=state,
-                               keep=cfg.keep_checkpoints)
+        return _on_rank_zero(dp, lambda: save_checkpoint(
+            checkpoint_dir, step, model=model, train_state=state, keep=cfg.keep_checkpoints))
 
     def result(status: Status, reason: str, metrics: dict[str, float], path: Path | None):
         return TrainResult(status=status, reason=reason, steps=step, tokens=tokens,
                            seconds=elapsed(), metrics=metrics, curve=curve, checkpoint=path,
                            resumed_from=resumed_from, recovered=recovered)
+
+    def step_loss(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to differentiate, the global mean loss to log) for one global batch."""
+        if forward is None:
+            batch = batch.to(device)
+            with _autocast(device, cfg.precision):
+                logits, targets = scored_logits(model, batch)
+            loss = F.cross_entropy(logits.float(), targets)
+            return loss, loss.detach()
+        scored = int(batch.mask.sum())
+        rows = dp.rows(cfg.batch_size)
+        local = Batch(batch.inputs[rows], batch.targets[rows]).to(device)
+        with _autocast(device, cfg.precision):
+            logits, targets = forward(local.inputs, local.targets)
+        local_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        total = local_sum.detach().clone()
+        dist.all_reduce(total)
+        mean = total / scored  # 0/0 is NaN: no scored position at all diverges, as it does alone
+        if not torch.isfinite(mean):
+            return mean, mean
+        return local_sum * (dp.world_size / scored), mean
+
+    def callback_stops(at: int, evaluated: dict[str, float]) -> bool:
+        return callback is not None and bool(callback(at, evaluated))
 
     status: Status = "completed"
     reason = f"reached {cfg.steps} steps"
@@ -330,17 +521,16 @@ def train(
             if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
                 status, reason = "budget", f"token budget of {cfg.max_tokens} reached"
                 break
-            if cfg.max_seconds is not None and elapsed() >= cfg.max_seconds:
+            if cfg.max_seconds is not None and _on_rank_zero(
+                    dp, lambda: elapsed() >= cfg.max_seconds):
                 status, reason = "budget", f"time budget of {cfg.max_seconds} s reached"
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            batch: Batch = task.train_batch(cfg.batch_size, data_rng).to(device)
-            with _autocast(device, cfg.precision):
-                logits, targets = scored_logits(model, batch)
-            loss = F.cross_entropy(logits.float(), targets)
-            if not torch.isfinite(loss.detach()):
-                return result("diverged", f"loss became {loss.item()} at step {step + 1}",
+            batch: Batch = task.train_batch(cfg.batch_size, data_rng)
+            loss, logged = step_loss(batch)
+            if not torch.isfinite(logged):
+                return result("diverged", f"loss became {logged.item()} at step {step + 1}",
                               metrics, None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -349,7 +539,7 @@ def train(
             optimizer.step()
             step += 1
             tokens += batch.inputs.numel()
-            running_loss += loss.item()
+            running_loss += logged.item()
             running_count += 1
             bar.update(1)
             if step % cfg.log_every == 0:
@@ -363,11 +553,11 @@ def train(
                 running_loss, running_count = 0.0, 0
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics = evaluate(model, task, batch_size=cfg.eval_batch_size,
-                                   precision=cfg.precision)
+                                   precision=cfg.precision, data_parallel=dp)
                 evaluated_at = step
                 curve += [{"step": step, "split": "test", "metric": k, "value": v}
                           for k, v in metrics.items()]
-                if callback is not None and callback(step, metrics):
+                if _on_rank_zero(dp, partial(callback_stops, step, metrics)):
                     status, reason = "stopped", f"stopped by the evaluation callback at step {step}"
                     break
                 solved = _solved(cfg, metrics, step)
@@ -380,7 +570,8 @@ def train(
         bar.close()
     unevaluated = evaluated_at != step
     if unevaluated:
-        metrics = evaluate(model, task, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+        metrics = evaluate(model, task, batch_size=cfg.eval_batch_size, precision=cfg.precision,
+                           data_parallel=dp)
         curve += [{"step": step, "split": "test", "metric": k, "value": v}
                   for k, v in metrics.items()]
     # Nothing trained or evaluated since the checkpoint we resumed from: it is the final state.
