@@ -7,9 +7,20 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-# Triton reads this once, at import: without a GPU its kernels can only run interpreted.
+# Triton reads this once, at import: without a GPU its kernels can only run interpreted. With
+# one they compile, which the gpu-marked tests check (benchmarks/gpu_check.sh unsets the variable).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip gpu-marked tests on hosts without CUDA: collected, so `-m gpu` lists what it skips."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu-marked: needs a CUDA device (benchmarks/gpu_check.sh)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def _postgres_url() -> str | None:
