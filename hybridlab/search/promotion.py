@@ -9,7 +9,9 @@ data-parallel on ``workers_per_trial`` (``search.distributed``).
 
 The baselines are the best candidate with its mixers swapped: every Mamba layer made attention
 ("transformer"), or every attention layer made Mamba ("ssm"), with the layer settings of the
-candidate (or the space's first choices where it has no layer of that kind); MLPs stay.
+candidate (or, where it has no layer of that kind, the space's first choices, attention as plain
+multi-head attention); MLPs stay. A baseline that comes out as the architecture of a candidate
+(the best one has no attention, say) shares that candidate's run instead of training it again.
 
 Bookkeeping, so a rerun resumes: ``hl_promotion`` holds one row per (study, rung, run); a run's
 checkpoints live where a trial of that genome and those train settings keeps them, so a run that
@@ -171,8 +173,13 @@ def _first_spec(arch: ArchConfig, kinds: tuple[str, ...], space: SearchSpace,
         if value is not None:
             settings[key] = value
     spec = LAYER_SPECS[kind](**settings)
-    if isinstance(spec, AttentionSpec) and spec.head_dim is None and d_model % spec.n_heads:
-        spec = replace(spec, n_heads=1, n_kv_heads=None)
+    if isinstance(spec, AttentionSpec):
+        # Plain multi-head attention: the standard baseline, and its width lattice (whole KV
+        # heads) is as fine as the head count allows, where one KV head would allow only
+        # multiples of d_model.
+        spec = replace(spec, n_kv_heads=None)
+        if spec.head_dim is None and d_model % spec.n_heads:
+            spec = replace(spec, n_heads=1)
     return spec
 
 
@@ -386,6 +393,18 @@ def _run_rung(ray, engine, space: SearchSpace, task, study: str, number: int, ru
             echo(f"  {plan.source.key}: cannot scale: {plan.error}")
         else:
             todo.append(plan)
+    # A baseline can be the very architecture of a candidate (the best one already has no
+    # attention, say): it is trained once, and both rows record that one run.
+    first: dict[str, str] = {}
+    twins: dict[str, str] = {}
+    for plan in planned:
+        if plan.scaled is not None:
+            genome = plan.scaled.config.canonical_hash()
+            if genome in first:
+                twins[plan.source.key] = first[genome]
+            else:
+                first[genome] = plan.source.key
+    todo = [plan for plan in todo if plan.source.key not in twins]
     use_gpu = space.resources.gpus_per_worker > 0
     cfg = replace(rung.train, device="cuda" if use_gpu else "cpu", threads=None)
     options = dict(space.task_options)
@@ -439,7 +458,32 @@ def _run_rung(ray, engine, space: SearchSpace, task, study: str, number: int, ru
              f"({result.status}, {result.seconds:.1f} s"
              + (f", resumed from step {result.resumed_from}" if result.resumed_from else "")
              + ")")
+    for key, twin in twins.items():
+        if rows[key].status == PromotionStatus.TRAINED.value:
+            continue
+        status = _copy_twin(engine, study, number, key, twin)
+        echo(f"  {key}: the same architecture as {twin}, whose run it shares ({status})")
+        if status == PromotionStatus.TRAINED:
+            trained += 1
+        else:
+            failed.append(f"rung {number} {key}: its twin {twin} did not train")
     return trained, skipped, failed
+
+
+def _copy_twin(engine, study: str, rung: int, key: str, twin: str) -> PromotionStatus:
+    """Give run ``key`` the outcome of ``twin``, the run of the same architecture."""
+
+    def copy(session) -> PromotionStatus:
+        source = session.get(Promotion, (study, rung, twin))
+        row = session.get(Promotion, (study, rung, key))
+        trained = source.status == PromotionStatus.TRAINED.value
+        row.status = source.status if trained else PromotionStatus.FAILED.value
+        row.reason = f"the same architecture as {twin}: shares its run"
+        row.run_trial, row.value, row.nodes = source.run_trial, source.value, source.nodes
+        row.seconds = 0.0 if trained else None
+        return PromotionStatus(row.status)
+
+    return transaction(engine, copy)
 
 
 def _set_status(engine, study: str, rung: int, key: str, status: PromotionStatus,

@@ -173,6 +173,7 @@ def test_promoted_runs_link_to_their_sources_and_rerun_skips_them(corpus, tmp_pa
     lines: list[str] = []
     summary = promote("promo", url, space=space, runs_dir=runs, echo=lines.append)
     assert summary.trained == 4 and summary.skipped == 0 and not summary.failed
+    assert any("the same architecture as trial:2" in line for line in lines)
 
     engine = make_engine(url)
     with engine.connect() as conn:
@@ -189,24 +190,28 @@ def test_promoted_runs_link_to_their_sources_and_rerun_skips_them(corpus, tmp_pa
     goal = 3 * max(promoted[k].source_params for k in ("trial:0", "trial:2"))
     rung_study = load_study(rung_study_name("promo", 1), url)
     trials = {t.user_attrs[KEY_ATTR]: t for t in rung_study.get_trials()}
-    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials.values())
+    # The SSM baseline of the best ("M-*-" -> "M-M-") is trial 2's architecture: one run.
+    assert set(trials) == {"trial:0", "trial:2", "transformer"}
+    assert all(t.state == TrialState.COMPLETE for t in trials.values())
+    trials["ssm"] = trials["trial:2"]
     for key, row in promoted.items():
         assert row.status == "trained" and row.rung == 1
         assert abs(row.params / goal - 1) <= 0.05, key
         trial = trials[key]
         assert row.run_trial == trial.number and row.value == pytest.approx(trial.value)
-        assert trial.user_attrs["source_trial"] == row.source_trial
+        assert trial.user_attrs["source_trial"] == (2 if key == "ssm" else row.source_trial)
         cand = candidates[trial.number]
         assert cand.status == "trained" and cand.params == row.params
         assert cand.objectives["bits_per_byte"] == pytest.approx(row.value)
         assert ArchConfig.from_dict(cand.arch).pattern == row.pattern
     assert set(curves) == {t.number for t in trials.values()}
+    assert promoted["ssm"].genome_hash == promoted["trial:2"].genome_hash
     assert promoted["transformer"].pattern.count("M") == 0
     assert promoted["ssm"].pattern.count("*") == 0
 
     again = promote("promo", url, space=space, runs_dir=runs, echo=lines.append)
     assert again.trained == 0 and again.skipped == 4
-    assert len(load_study(rung_study_name("promo", 1), url).get_trials()) == 4
+    assert len(load_study(rung_study_name("promo", 1), url).get_trials()) == 3
 
 
 def test_sources_rank_distinct_genomes_by_the_promoted_metric(corpus, tmp_path):
@@ -308,3 +313,25 @@ def test_promote_command_refuses_a_space_without_promotion(corpus, tmp_path, cap
     assert main(["promote", "--runs-dir", str(runs), "--space", str(other)]) == 2
     assert "promotion.top_k: must be >= 1" in capsys.readouterr().err
     assert not list(runs.glob("promo/checkpoints/*"))
+
+
+def test_a_baseline_equal_to_a_candidate_shares_its_run(corpus, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    url = f"sqlite:///{runs / 'promo.db'}"
+    text = space_text(corpus, tmp_path / "cache", rung="2x", top_k=1)
+    # The best trial has no attention: its SSM baseline is itself.
+    make_proxy_study(url, text, sources=(("M-M-", 2.0), ("M-*-", 2.1)))
+    space = parse_space(text, check_task=False)
+    lines: list[str] = []
+    summary = promote("promo", url, space=space, runs_dir=runs, echo=lines.append)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        rows = {row.key: row for row in conn.execute(sa.select(Promotion)).all()}
+    engine.dispose()
+    assert summary.trained == 3 and not summary.failed
+    assert rows["ssm"].genome_hash == rows["trial:0"].genome_hash
+    assert rows["ssm"].run_trial == rows["trial:0"].run_trial
+    assert rows["ssm"].value == rows["trial:0"].value and rows["ssm"].status == "trained"
+    assert "shares its run" in rows["ssm"].reason
+    assert len(load_study(rung_study_name("promo", 1), url).get_trials()) == 2
