@@ -431,7 +431,10 @@ def train(
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     if dp is not None and device.type == "cuda":
-        # nccl collectives (object broadcasts included) run on the current device.
+        # A bare "cuda" is this process's current GPU; nccl collectives (object broadcasts
+        # included) run on the current device, and DDP needs the index.
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
