@@ -72,14 +72,18 @@ def study_table(study: str | None, storage: str | None, *, runs_dir: str | Path 
 
 
 def _promoted_as(session: Session, run_study: str) -> dict[int, str]:
-    """For a rung study: what each of its trials was promoted from, by trial number."""
+    """For a rung study: what each of its trials was promoted from, by trial number (a baseline
+    that comes out as a candidate's architecture shares that candidate's run)."""
     if not sa.inspect(session.connection()).has_table(Promotion.__tablename__):
         return {}
     rows = session.scalars(sa.select(Promotion).where(Promotion.run_study == run_study,
                                                       Promotion.run_trial.is_not(None))).all()
-    return {row.run_trial: (f"promoted #{row.source_trial} of {row.study}"
-                            if row.role == PromotionRole.CANDIDATE.value
-                            else f"{row.role} baseline of {row.study}") for row in rows}
+    sources: dict[int, list[str]] = {}
+    for row in sorted(rows, key=lambda r: (r.role != PromotionRole.CANDIDATE.value, r.key)):
+        sources.setdefault(row.run_trial, []).append(
+            f"promoted #{row.source_trial} of {row.study}"
+            if row.role == PromotionRole.CANDIDATE.value else f"{row.role} baseline of {row.study}")
+    return {trial: "; ".join(notes) for trial, notes in sources.items()}
 
 
 def _rung_table(rung: RungValidation) -> list[str]:

@@ -81,13 +81,20 @@ def test_status_shows_each_rungs_runs_and_correlation(tmp_path: Path):
 def test_a_rung_study_reads_as_any_study_and_names_its_sources(tmp_path: Path, capsys):
     url = f"sqlite:///{tmp_path / 's.db'}"
     fill(url)
+    # A baseline whose architecture is a candidate's shares that candidate's run.
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(Promotion).where(Promotion.rung == 1, Promotion.key == "ssm")
+                     .values(status="trained", run_trial=1, value=1.88))
+    engine.dispose()
     assert main(["status", "--study", "s.rung1", "--storage", url]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("study s.rung1 (") and lines[0].endswith(": 4 trials")
     assert cells(lines[1]) == ["#", "state", "pattern", "params", "state@L", "tok/s",
                                "bits_per_byte", "note"]
     notes = {cells(line)[0]: cells(line)[-1] for line in lines[2:]}
-    assert notes == {"0": "promoted #4 of s", "1": "promoted #1 of s", "2": "promoted #3 of s",
+    assert notes == {"0": "promoted #4 of s", "1": "promoted #1 of s; ssm baseline of s",
+                     "2": "promoted #3 of s",
                      "3": "transformer baseline of s"}
     # A rung study has no rungs of its own.
     assert not any(line.startswith("promoted runs of rung") for line in lines)
