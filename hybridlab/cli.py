@@ -199,7 +199,8 @@ def search_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    """Show a study's trials: state, pattern, cost and objectives."""
+    """Show a study's trials: state, pattern, cost and objectives; with promotion rungs, the
+    promoted runs and the rank correlation between proxy and promoted metrics."""
     from hybridlab.search.status import study_table
 
     print(study_table(args.study, args.storage, runs_dir=args.runs_dir))

@@ -36,6 +36,7 @@ from hybridlab.store import (
     StorageError,
     default_sqlite_url,
     display_url,
+    home_study,
     is_sqlite,
     readonly_engine_kwargs,
     readonly_url,
@@ -75,7 +76,7 @@ def resolve_storage(study: str | None, storage: str | None, runs_dir: str | Path
         return storage
     if study is None:
         return resolve_study(None, None, runs_dir)[1]
-    return default_sqlite_url(study, Path(runs_dir).resolve())
+    return default_sqlite_url(home_study(study), Path(runs_dir).resolve())
 
 
 def cost_axes() -> dict[str, Direction]:

@@ -46,6 +46,7 @@ from hybridlab.store.retry import RetryingRDBStorage, is_transient, retrying
 from hybridlab.store.studies import (
     TrialWeights,
     best_trials,
+    home_study,
     is_rung_study,
     load_study,
     optuna_storage,
@@ -63,7 +64,8 @@ __all__ = [
     "Promotion", "PromotionRole", "PromotionStatus", "RetryingRDBStorage", "Run", "SchemaVersion",
     "Slot", "StorageError",
     "TrialWeights", "best_trials", "check_storage", "create_tables", "creation_lock",
-    "default_sqlite_url", "display_url", "engine_kwargs", "is_rung_study", "is_sqlite",
+    "default_sqlite_url", "display_url", "engine_kwargs", "home_study", "is_rung_study",
+    "is_sqlite",
     "is_transient",
     "load_study", "make_engine", "open_engine", "optuna_storage", "readonly_engine_kwargs",
     "readonly_url", "require_database", "resolve_study", "retrying", "rung_study_name",

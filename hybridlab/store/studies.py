@@ -45,6 +45,13 @@ def is_rung_study(name: str) -> bool:
     return _RUNG_STUDY.match(name) is not None
 
 
+def home_study(name: str) -> str:
+    """The study whose default database holds ``name``: a rung study lives in its proxy
+    study's ``runs/<study>.db``; any other study in its own."""
+    match = _RUNG_STUDY.match(name)
+    return match["study"] if match else name
+
+
 def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) -> tuple[str, str]:
     """(study name, storage URL) for a command that reads an existing study.
 
@@ -62,7 +69,7 @@ def resolve_study(study: str | None, storage: str | None, runs_dir: str | Path) 
                                    "choose one with --study NAME or --storage URL")
             storage = default_sqlite_url(found[0].stem, runs)
         else:
-            storage = default_sqlite_url(study, runs)
+            storage = default_sqlite_url(home_study(study), runs)
     require_database(storage)
     names = study_names(storage)
     if study is None:

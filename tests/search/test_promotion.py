@@ -213,6 +213,12 @@ def test_promoted_runs_link_to_their_sources_and_rerun_skips_them(corpus, tmp_pa
     assert again.trained == 0 and again.skipped == 4
     assert len(load_study(rung_study_name("promo", 1), url).get_trials()) == 3
 
+    # The rung study lives in the proxy study's database: found by name alone.
+    from hybridlab.cli import main
+
+    assert main(["status", "--study", "promo.rung1", "--runs-dir", str(runs)]) == 0
+    assert main(["status", "--runs-dir", str(runs)]) == 0  # "the only study" ignores rungs
+
 
 def test_sources_rank_distinct_genomes_by_the_promoted_metric(corpus, tmp_path):
     url = f"sqlite:///{tmp_path / 'promo.db'}"
