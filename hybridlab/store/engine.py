@@ -137,6 +137,7 @@ def create_tables(engine: Engine) -> None:
     concurrent creation can still fail, so callers that race hold the lock.
     """
     Base.metadata.create_all(engine)
+    _widen_columns(engine)
     with session_scope(engine) as session:
         versions = session.scalars(sa.select(SchemaVersion.version)).all()
         if not versions:
@@ -146,6 +147,26 @@ def create_tables(engine: Engine) -> None:
                 f"database schema version {max(versions)} but this hybridlab writes version "
                 f"{SCHEMA_VERSION}; use a new database or migrate"
             )
+
+
+def _widen_columns(engine: Engine) -> None:
+    """Widen VARCHAR columns that an older hybridlab created narrower than its models say.
+
+    Only PostgreSQL enforces lengths (SQLite ignores them), and widening a VARCHAR rewrites no
+    row, so this is safe on a live study.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    inspector = sa.inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        existing = {c["name"]: c["type"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            want = getattr(column.type, "length", None)
+            have = getattr(existing.get(column.name), "length", None)
+            if want is not None and have is not None and have < want:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f'ALTER TABLE "{table.name}" ALTER COLUMN '
+                                         f'"{column.name}" TYPE VARCHAR({want})'))
 
 
 # pg_advisory_lock key of schema and study creation (any constant; this one names its purpose).

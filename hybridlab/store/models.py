@@ -144,7 +144,8 @@ class CurvePoint(Base):
     study: Mapped[str] = mapped_column(sa.String(255))
     trial: Mapped[int]
     step: Mapped[int]
-    split: Mapped[str] = mapped_column(sa.String(16))
+    # "train" / "test", prefixed with the task's name in a suite; a task name can hold a path.
+    split: Mapped[str] = mapped_column(sa.String(1024))
     metric: Mapped[str] = mapped_column(sa.String(64))
     value: Mapped[float]
 
@@ -175,7 +176,8 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study: Mapped[str] = mapped_column(sa.String(255))
     trial: Mapped[int]
-    kind: Mapped[str] = mapped_column(sa.String(64))
+    # "checkpoint:<task name>"; the name of a corpus task holds its path.
+    kind: Mapped[str] = mapped_column(sa.String(1024))
     path: Mapped[str] = mapped_column(sa.Text)
     sha256: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(default=_now)
