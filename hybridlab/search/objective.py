@@ -53,7 +53,7 @@ from hybridlab.store import (
     transaction,
     worker_id,
 )
-from hybridlab.train import TrainResult, settings_key, train
+from hybridlab.train import TrainConfig, TrainResult, settings_key, train
 
 SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
 
@@ -203,12 +203,35 @@ class Objective:
         # early) waits, then resumes from the finished checkpoint instead of racing it.
         with (folder / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
+            if self.space.resources.workers_per_trial > 1:
+                result = self._train_data_parallel(trial, arch, task, cfg, folder)
+            else:
+                result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
         if result.status == "stopped" and pruned_at:
             result = replace(result, reason=pruned_at[0])
         store_train_result(self.engine, self.study, trial.number, task.name, result,
                            suite=len(self.tasks) > 1)
         return result
+
+    def _train_data_parallel(self, trial: optuna.Trial, arch: ArchConfig, task: TaskData,
+                             cfg: TrainConfig, folder: Path) -> TrainResult:
+        """Train on ``resources.workers_per_trial`` Ray Train workers (no pruning: the space
+        refuses a pruner with it); the trial records the nodes they ran on."""
+        from hybridlab.search.distributed import train_data_parallel
+
+        specs = dict(zip((t.name for t in self.tasks), SUITES.get(self.space.task,
+                                                                  (self.space.task,)),
+                         strict=True))
+        resources = self.space.resources
+        run = train_data_parallel(
+            arch, task=specs[task.name], task_seed=self.space.seed,
+            task_options=dict(self.space.task_options), cfg=cfg, model_seed=self.space.seed,
+            workers=resources.workers_per_trial, checkpoint_dir=folder,
+            use_gpu=resources.gpus_per_worker > 0, cpus_per_worker=resources.cpus_per_worker,
+            storage_path=self.artifacts_dir / "ray-train",
+            name=f"{self.study}-trial{trial.number}-{folder.name}")
+        trial.set_user_attr("train_nodes", list(run.nodes))
+        return run.result
 
     def _values(self, objectives: dict[str, Any]) -> float | list[float]:
         values = []

@@ -409,7 +409,8 @@ def _start_ray(address: str | None, opts: RunOptions, space: SearchSpace):
                 "with --storage (postgresql+psycopg://...)"
             )
     else:
-        cpus = max(1, math.ceil(space.resources.cpus_per_worker * opts.workers))
+        res = space.resources
+        cpus = max(1, math.ceil(res.cpus_per_worker * res.workers_per_trial * opts.workers))
         ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024**2,
                  log_to_driver=True)
     return ray
@@ -548,8 +549,13 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
 
     Raises ``_Stop`` once a signal arrives in ``received``.
     """
+    res = space.resources
+    # A worker whose trials train data-parallel only coordinates: its Ray Train workers take
+    # the CPUs and GPUs.
+    parallel = res.workers_per_trial > 1
     remote = ray.remote(max_retries=MAX_WORKER_RESTARTS)(_worker_task).options(
-        num_cpus=space.resources.cpus_per_worker, num_gpus=space.resources.gpus_per_worker)
+        num_cpus=0 if parallel else res.cpus_per_worker,
+        num_gpus=0 if parallel else res.gpus_per_worker)
     launched: dict[Any, float] = {}
 
     def launch(rank: int) -> Any:

@@ -111,6 +111,9 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
+    # > 1: each trial trains data-parallel on this many Ray Train workers, each taking
+    # cpus_per_worker / gpus_per_worker, while the search worker that runs the trial holds none.
+    workers_per_trial: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,7 +363,8 @@ def parse_space(
         _check_enumerable(r, model)
 
     res = r.mapping(top.get("resources"), "resources",
-                    ("cpus_per_worker", "gpus_per_worker", "threads_per_worker"))
+                    ("cpus_per_worker", "gpus_per_worker", "threads_per_worker",
+                     "workers_per_trial"))
     resources = Resources(
         cpus_per_worker=r.number(res.get("cpus_per_worker", 1.0), "resources.cpus_per_worker",
                                  minimum=0),
@@ -368,7 +372,16 @@ def parse_space(
                                  minimum=0),
         threads_per_worker=r.integer(res.get("threads_per_worker", 1),
                                      "resources.threads_per_worker", minimum=1),
+        workers_per_trial=r.integer(res.get("workers_per_trial", 1),
+                                    "resources.workers_per_trial", minimum=1),
     )
+    if train.batch_size % resources.workers_per_trial:
+        raise r.error("resources.workers_per_trial", f"batch_size {train.batch_size} must split "
+                      f"evenly over {resources.workers_per_trial} workers (it is the global "
+                      "batch)")
+    if resources.workers_per_trial > 1 and pruner != "none":
+        raise r.error("resources.workers_per_trial", "a data-parallel trial reports no "
+                      "intermediate values to the pruner; use pruner: none")
     space = SearchSpace(
         name=name, seed=seed, task=task, task_options=dict(task_options), train=train,
         model=model, budgets=budgets, objectives=objectives, sampler=sampler,

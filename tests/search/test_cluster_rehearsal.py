@@ -14,40 +14,19 @@ from optuna.trial import TrialState
 from hybridlab.search.runner import NODE_ATTR, run_search
 from hybridlab.search.status import study_table
 from hybridlab.store import Promotion, make_engine, rung_study_name
-from tests.search.test_promotion import write_corpus
+from tests.search.corpus_space import corpus_space, write_corpus
 
 pytestmark = pytest.mark.slow
 
-SPACE = """
-name: rehearsal
-seed: 0
-trials: 4
-workers: 2
-task:
-  name: corpus:{corpus}
-  options: {{seq_len: 32, max_eval_tokens: 2048, cache_dir: {cache}}}
-train: {{steps: 30, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 15,
-        eval_batch_size: 16, checkpoint_every: 10}}
-model:
-  d_model: 32
-  depth: {{low: 1, high: 2}}
-  layer_types: [mamba2, attention]
-  rules: {{mlp_after_mixer: always}}
-  mamba2: {{d_state: 8, headdim: 16, chunk_size: 16}}
-  attention: {{n_heads: 2}}
-objectives:
-  - {{metric: bits_per_byte, direction: minimize}}
-sampler: random
-pruner: none
-resources: {{cpus_per_worker: 1, threads_per_worker: 1}}
+PROMOTION = """resources: {cpus_per_worker: 1, threads_per_worker: 1}
 promotion:
   top_k: 2
   baselines: [ssm]
   rungs:
     # An absolute goal every pattern of this tiny space reaches within 5% (at this size the
     # width lattice is coarse, and a ratio of the largest source may fall between its steps).
-    - scale: {{params: 140k}}
-      train: {{steps: 12, eval_every: 6, checkpoint_every: 6}}
+    - scale: {params: 140k}
+      train: {steps: 12, eval_every: 6, checkpoint_every: 6}
       workers_per_trial: 2
 """
 
@@ -80,7 +59,10 @@ def test_search_and_promotion_use_both_nodes(tmp_path, storage_url, two_node_clu
     url = storage_url
     corpus = write_corpus(tmp_path / "corpus")
     space = tmp_path / "rehearsal.yaml"
-    space.write_text(SPACE.format(corpus=corpus, cache=tmp_path / "cache"))
+    space.write_text(corpus_space(
+        name="rehearsal", corpus=corpus, cache=tmp_path / "cache", trials=4, workers=2,
+        train="{steps: 30, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 15, "
+              "eval_batch_size: 16, checkpoint_every: 10}", tail=PROMOTION))
     shared_runs = tmp_path / "shared-runs"
     lines: list[str] = []
     summary = run_search(space, storage_url=url, ray_address=two_node_cluster.address,

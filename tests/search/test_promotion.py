@@ -1,7 +1,6 @@
 """Promotion: proxy winners and baselines extrapolated, retrained, recorded and resumed."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -35,50 +34,21 @@ from hybridlab.store import (
     rung_study_name,
     transaction,
 )
-
-WORDS = ("state", "space", "model", "attention", "scan", "token", "layer", "mamba", "hybrid",
-         "kernel", "chunk", "decay", "head", "query", "key", "value")
-
-
-def write_corpus(folder: Path, *, seed: int = 0, words: int = 6000) -> Path:
-    """A small seeded text corpus: four documents of random words."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for doc in range(4):
-        text = " ".join(rng.choice(WORDS) for _ in range(words // 4))
-        (folder / f"doc{doc}.txt").write_text(text + "\n")
-    return folder
+from tests.search.corpus_space import corpus_space, write_corpus
 
 
 def space_text(corpus: Path, cache: Path, *, rung: str, steps: int = 12,
                checkpoint_every: int = 4, top_k: int = 2) -> str:
-    return f"""
-name: promo
-seed: 0
-trials: 3
-workers: 1
-task:
-  name: corpus:{corpus}
-  options: {{seq_len: 32, max_eval_tokens: 2048, cache_dir: {cache}}}
-train: {{steps: 8, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 4,
-        eval_batch_size: 16}}
-model:
-  d_model: 32
-  depth: {{low: 2, high: 2}}
-  layer_types: [mamba2, attention]
-  rules: {{mlp_after_mixer: always}}
-  mamba2: {{d_state: 8, headdim: 16, chunk_size: 16}}
-  attention: {{n_heads: 2}}
-objectives:
-  - {{metric: bits_per_byte, direction: minimize}}
-sampler: random
-pruner: none
-promotion:
+    return corpus_space(
+        name="promo", corpus=corpus, cache=cache, trials=3, workers=1, depth=(2, 2),
+        train="{steps: 8, batch_size: 4, lr: 0.003, warmup_steps: 2, eval_every: 4, "
+              "eval_batch_size: 16}",
+        tail=f"""promotion:
   top_k: {top_k}
   rungs:
     - {{scale: {rung}, strategy: both, workers_per_trial: 1,
        train: {{steps: {steps}, checkpoint_every: {checkpoint_every}, eval_every: 6}}}}
-"""
+""")
 
 
 # The byte tokenizer's vocabulary: 256 bytes and an end-of-document token.
