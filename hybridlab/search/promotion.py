@@ -317,7 +317,8 @@ def promote(
         else:
             cpus = max(max(r.workers_per_trial for r in stage.rungs),
                        math.ceil(space.resources.cpus_per_worker * space.workers))
-            ray.init(num_cpus=cpus, include_dashboard=False,
+            # "local": a new instance, never one that an address file or RAY_ADDRESS points at.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      object_store_memory=256 * 1024**2)
     trained, skipped, failed = 0, 0, []
     seconds: dict[int, float] = {}

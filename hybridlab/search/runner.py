@@ -315,11 +315,14 @@ def worker_loop(space_text: str, source: str | None, opts: RunOptions, rank: int
 
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
+    # A worker runs as a Ray task; called directly (tests, debugging) there is no node to name,
+    # and asking for the runtime context would start a Ray instance in this process.
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def run_trial(trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr(RUN_ATTR, opts.run_id)
-        trial.set_user_attr(NODE_ATTR, node)
+        if node is not None:
+            trial.set_user_attr(NODE_ATTR, node)
         transaction(engine, lambda session: session.execute(sa.update(Slot).where(
             Slot.study == opts.study, Slot.slot == slot).values(trial=trial.number)))
         return objective(trial)
@@ -411,8 +414,9 @@ def _start_ray(address: str | None, opts: RunOptions, space: SearchSpace):
     else:
         res = space.resources
         cpus = max(1, math.ceil(res.cpus_per_worker * res.workers_per_trial * opts.workers))
-        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024**2,
-                 log_to_driver=True)
+        # "local": a new instance, never one that an address file or RAY_ADDRESS points at.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 object_store_memory=256 * 1024**2, log_to_driver=True)
     return ray
 
 

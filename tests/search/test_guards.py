@@ -278,3 +278,12 @@ def _candidate(url: str, study: str, trial: int) -> Candidate | None:
     with open_engine(url) as engine, session_scope(engine) as session:
         return Candidate.get(session, study, trial)
 
+
+
+def test_a_worker_called_outside_ray_starts_no_ray(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    opts = runner.RunOptions(study="tiny", storage_url=url, trials=1, workers=1,
+                             artifacts_dir=tmp_path / "runs")
+    runner.prepare_study(parse_space(TINY_SPACE), TINY_SPACE, opts)
+    assert runner.worker_loop(TINY_SPACE, None, opts, 0) == 1
+    assert not ray.is_initialized()
