@@ -27,7 +27,6 @@ from sqlalchemy.engine import Engine
 from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
 from hybridlab.cost import cost_report
 from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
-from hybridlab.search.validation import RungValidation, study_validation
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -43,6 +42,7 @@ from hybridlab.store import (
     resolve_study,
     sqlite_path,
 )
+from hybridlab.store.validation import RungValidation, study_validation
 from hybridlab.units import UNIT_RULES
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from hybridlab.search.validation import RungValidation, study_validation
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -20,6 +19,7 @@ from hybridlab.store import (
     resolve_study,
     session_scope,
 )
+from hybridlab.store.validation import RungValidation, study_validation
 from hybridlab.units import format_bytes, format_count
 
 

@@ -8,7 +8,7 @@ from scipy import stats
 
 from hybridlab.store import Promotion, make_engine
 from hybridlab_dashboard import DashboardApp, StudyDatabase
-from tests.search.test_validation import run, write_promotions, write_proxy_study
+from tests.store.test_validation import run, write_promotions, write_proxy_study
 
 # Proxy values are the synthetic study's accuracies (trials 3, 2, 0 are its top three).
 RUNG1 = [run("trial:3", source=3, proxy=0.62, value=0.71, pattern="M*M"),

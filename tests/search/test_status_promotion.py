@@ -7,10 +7,10 @@ import sqlalchemy as sa
 
 from hybridlab.cli import main
 from hybridlab.search.status import study_table
-from hybridlab.search.validation import study_validation
 from hybridlab.store import Promotion, make_engine
+from hybridlab.store.validation import study_validation
 from hybridlab.units import format_count
-from tests.search.test_validation import run, write_promotions, write_proxy_study
+from tests.store.test_validation import run, write_promotions, write_proxy_study
 
 PROXY = [2.31, 2.12, 2.45, 2.20, 2.05]
 RUNG1 = [run("trial:4", source=4, proxy=2.05, value=1.91, pattern="M*MM", params=48_000),

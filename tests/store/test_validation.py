@@ -17,14 +17,6 @@ import sqlalchemy as sa
 from optuna.trial import create_trial
 from scipy import stats
 
-from hybridlab.search.validation import (
-    EXACT_SPEARMAN_MAX,
-    MIN_RUNS,
-    PromotedRun,
-    rank_correlation,
-    study_validation,
-    validate_rung,
-)
 from hybridlab.store import (
     Candidate,
     Promotion,
@@ -32,6 +24,14 @@ from hybridlab.store import (
     make_engine,
     rung_study_name,
     session_scope,
+)
+from hybridlab.store.validation import (
+    EXACT_SPEARMAN_MAX,
+    MIN_RUNS,
+    PromotedRun,
+    rank_correlation,
+    study_validation,
+    validate_rung,
 )
 
 

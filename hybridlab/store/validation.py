@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from hybridlab.metrics import METRICS, Direction
-from hybridlab.store import Promotion, PromotionRole, PromotionStatus
+from hybridlab.store.models import Promotion, PromotionRole, PromotionStatus
 
 # Fewer promoted candidates with both values than this: no coefficient, a note says so.
 MIN_RUNS = 3
