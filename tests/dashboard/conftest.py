@@ -337,6 +337,22 @@ def serve() -> Iterator[Callable[[DashboardApp], Served]]:
 
 
 @pytest.fixture
+def open_app_page(serve, launch_browser) -> Callable[[DashboardApp], Any]:
+    """``open_app_page(app)``: a new Chromium page on the served app's ``/`` (skips the test
+    where the system has no Chromium)."""
+
+    def open_page(app: DashboardApp):
+        browser = launch_browser()
+        if browser is None:
+            pytest.skip("/usr/bin/chromium is absent (apt-get install -y chromium)")
+        page = browser.new_page()
+        page.goto(serve(app).url + "/")
+        return page
+
+    return open_page
+
+
+@pytest.fixture
 def client() -> Callable[..., Response]:
     """``client(app, path, method=..., host=..., headers=...)``: one request into a WSGI app."""
     return call

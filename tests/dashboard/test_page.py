@@ -12,15 +12,11 @@ FORMATS = {"bytes": format_bytes, "count": format_count, "FLOPs": format_count,
 
 
 @pytest.fixture
-def open_page(synthetic_app, serve, launch_browser, client):
+def open_page(synthetic_app, open_app_page, client):
     """Opens the synthetic study's page once it shows the current snapshot; returns both."""
 
     def opened():
-        browser = launch_browser()
-        if browser is None:
-            pytest.skip("/usr/bin/chromium is absent (apt-get install -y chromium)")
-        page = browser.new_page()
-        page.goto(serve(synthetic_app).url + "/")
+        page = open_app_page(synthetic_app)
         data = client(synthetic_app, "/hl/api/study?name=demo").json()
         page.wait_for(f"document.body.dataset.revision === '{data['revision']}'")
         return page, data

@@ -88,13 +88,8 @@ def test_older_and_missing_databases(tmp_path: Path, client):
     assert response.status == 503 and "No study database" in response.json()["error"]
 
 
-def test_the_page_draws_proxy_against_promoted_per_rung(promoted_app, serve, launch_browser,
-                                                       client):
-    browser = launch_browser()
-    if browser is None:
-        pytest.skip("/usr/bin/chromium is absent (apt-get install -y chromium)")
-    page = browser.new_page()
-    page.goto(serve(promoted_app).url + "/")
+def test_the_page_draws_proxy_against_promoted_per_rung(promoted_app, open_app_page, client):
+    page = open_app_page(promoted_app)
     data = client(promoted_app, "/hl/api/promotion?study=demo").json()
     page.wait_for("document.querySelector('#promotion-rung-2') !== null")
     assert page.evaluate("document.getElementById('promotion-section').hidden") is False
