@@ -35,6 +35,9 @@ FIRST_DELAY_S = 0.2
 MAX_DELAY_S = 5.0
 # Marks a trial with the id of the call that created it, so a retried creation finds it.
 CREATION_TOKEN = "hl_creation_token"
+# Marks a trial popped from the queue with the id of the call that claimed it (see
+# ``RetryingRDBStorage._claim_waiting``).
+CLAIM_TOKEN = "hl_claim_token"
 
 
 def is_transient(err: BaseException) -> bool:
@@ -84,7 +87,7 @@ class RetryingRDBStorage(RDBStorage):
 
     Reads and upserts (attributes, intermediate values, heartbeats) are repeated as they are;
     creating a study, a trial and changing a trial's state look first for the effect of an
-    attempt that committed before its connection broke.
+    attempt that committed before its connection broke. Popping an enqueued trial is atomic.
     """
 
     def create_new_study(self, directions: Sequence[StudyDirection],
@@ -134,15 +137,49 @@ class RetryingRDBStorage(RDBStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
+        if state == TrialState.RUNNING and values is None:
+            return self._claim_waiting(trial_id)
+
         def attempt(n: int) -> bool:
             if n:
-                # A retry finding the state it asked for: the first attempt committed. (For
-                # WAITING -> RUNNING another worker may have taken the trial in between; it then
-                # runs twice, which beats leaving it RUNNING with no worker and no heartbeat.)
+                # A retry finding the state it asked for: the first attempt committed.
                 current = RDBStorage.get_trial(self, trial_id)
                 if current.state == state and (values is None or current.values == list(values)):
                     return True
             return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+
+        return retrying(attempt)
+
+    def _claim_waiting(self, trial_id: int) -> bool:
+        """WAITING -> RUNNING for exactly one caller: how Optuna pops an enqueued trial.
+
+        Optuna reads the state with SELECT ... FOR UPDATE, which SQLite ignores, so two workers
+        could both read WAITING and both run the trial. One conditional UPDATE is atomic on
+        every backend. The winner also writes a token, so a retry after a lost connection tells
+        its own committed claim from another worker's.
+        """
+        token = json.dumps(uuid.uuid4().hex)
+        trials, attrs = optuna_models.TrialModel, optuna_models.TrialSystemAttributeModel
+
+        def attempt(n: int) -> bool:
+            with self.engine.begin() as conn:
+                if n and conn.scalar(sa.select(attrs.value_json).where(
+                        attrs.trial_id == trial_id, attrs.key == CLAIM_TOKEN)) == token:
+                    return True
+                won = conn.execute(sa.update(trials).where(
+                    trials.trial_id == trial_id, trials.state == TrialState.WAITING,
+                ).values(state=TrialState.RUNNING, datetime_start=datetime.now())).rowcount == 1
+                if won:
+                    # A retried trial is created with its predecessor's system attributes,
+                    # this token among them.
+                    conn.execute(sa.delete(attrs).where(attrs.trial_id == trial_id,
+                                                        attrs.key == CLAIM_TOKEN))
+                    conn.execute(sa.insert(attrs).values(trial_id=trial_id, key=CLAIM_TOKEN,
+                                                         value_json=token))
+            if not won:
+                # As Optuna: a finished trial raises, an unknown one raises KeyError.
+                self.check_trial_is_updatable(trial_id, RDBStorage.get_trial(self, trial_id).state)
+            return won
 
         return retrying(attempt)
 
