@@ -91,7 +91,7 @@ class ByteTokenizer:
 
 
 @cache
-def _byte_level_alphabet() -> dict[str, int]:
+def byte_level_alphabet() -> dict[str, int]:
     """GPT-2's printable stand-in character for each byte (what ByteLevel BPE vocabularies hold)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
@@ -183,7 +183,7 @@ class BPETokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        alphabet = _byte_level_alphabet()
+        alphabet = byte_level_alphabet()
         out = bytearray()
         for i in ids:
             token = self._tok.id_to_token(int(i))

@@ -114,12 +114,31 @@ class CardInput:
     provenance: Provenance
 
 
+_HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM"}
+_LAYER_TAGS = {"mamba1": "mamba", "mamba2": "mamba2", "attention": "attention", "mlp": "mlp"}
+
+
+def front_matter(card: CardInput) -> list[str]:
+    """The Hugging Face Hub's YAML header: library, pipeline and tags (no license is claimed:
+    the user who trained the model chooses it)."""
+    tags = ["hybridlab", "hybrid", *dict.fromkeys(_LAYER_TAGS[s.type] for s in card.arch.layers)]
+    if card.flavour:
+        tags.append(card.flavour)
+    lines = ["---"]
+    if card.fmt == "hf":
+        lines.append("library_name: transformers")
+    if card.weights is not None:
+        lines.append("pipeline_tag: text-generation")
+    lines += ["tags:", *[f"- {tag}" for tag in tags], "---", ""]
+    return lines
+
+
 def model_card(card: CardInput) -> str:
     """README.md: what the model is, how it scored, where it came from, how to load the files."""
     arch, prov = card.arch, card.provenance
     context = prov.state_context or DEFAULT_CONTEXT
     kind = card.fmt + (f" ({card.flavour})" if card.flavour else "")
-    lines = [f"# {arch.pattern} — hybridlab export, {kind} format", ""]
+    lines = [*front_matter(card), f"# {arch.pattern} — hybridlab export, {kind} format", ""]
     if prov.study is not None:
         origin = f"study `{prov.study}`, trial {prov.trial}"
         if prov.weights_trial is not None and prov.weights_trial != prov.trial:
@@ -188,7 +207,9 @@ def model_card(card: CardInput) -> str:
                   else "none (see LOSSY.md)" if card.changes else "none")
     weights = {None: unweighted,
                "hybridlab": "hybridlab's parameter names (`HybridLM.state_dict()`)",
-               "mamba_ssm": "mamba_ssm's `MambaLMHeadModel` names"}[card.weights]
+               "mamba_ssm": "mamba_ssm's `MambaLMHeadModel` names",
+               "transformers": f"transformers' `{_HF_CLASSES.get(card.flavour or '', '')}` "
+                               "names"}[card.weights]
     lines += [f"Weights: {weights}.", ""]
     if card.notes:
         lines += ["## Format notes", ""] + [f"- {note}" for note in card.notes] + [""]

@@ -1,30 +1,42 @@
-"""Hugging Face transformers configs: NemotronH (``nemotron_h``) or Bamba (``bamba``).
+"""Hugging Face transformers model folders: NemotronH (``nemotron_h``) or Bamba (``bamba``).
 
 Both are Mamba-2 hybrids with one setting per layer kind; they differ in structure:
 
-- NemotronH stacks single-kind layers by ``hybrid_override_pattern`` (each with its own pre-norm,
-  as hybridlab). Its attention (Jamba's) has no positional encoding, and its MLP is ungated
+- NemotronH stacks single-kind layers by ``layers_block_type`` (each with its own pre-norm, as
+  hybridlab). Its attention (Jamba's) has no positional encoding, and its MLP is ungated
   (``up_proj -> act -> down_proj``), so it fits stacks of Mamba-2 and RoPE-free attention
-  without MLP layers.
+  without MLP layers. Its Mamba-2 mixer uses hybridlab's names and its grouped gated norm.
+  transformers' NemotronH never ties the head: ``lm_head.weight`` is written as its own tensor.
 - Bamba builds every layer as mixer + SwiGLU MLP (``attn_layer_indices`` picks the attention
   layers), like a mamba_ssm block. Its attention always applies RoPE to half of each head
-  (``partial_rotary_factor`` 0.5, hard-coded by ``BambaConfig``), and its gated norm (in
-  transformers' torch path) normalises over the whole inner width, which equals hybridlab's
-  grouped norm only with one group. It fits Mamba-2 + MLP stacks with ``ngroups`` 1 and no
-  attention.
+  (``partial_rotary_factor`` 0.5, hard-coded by ``BambaConfig``), and its gated norm normalises
+  over the whole inner width in some transformers 5.x versions, which equals hybridlab's grouped
+  norm only with one group. It fits Mamba-2 + MLP stacks with ``ngroups`` 1 and no attention.
 
 ``--format hf`` picks the flavour that fits; when neither does it is refused with both lists of
-reasons, or written (``--lossy``) as the flavour with fewer changes. Only ``config.json`` is in
-transformers' terms: weights stay in hybridlab's names (the parameter maps were not checked
-against a running transformers here).
+reasons, or written (``--lossy``) as the flavour with fewer changes. A faithful export of a
+trained model is a complete transformers folder: ``config.json``, ``generation_config.json``,
+``model.safetensors`` in transformers' names (``to_transformers``), and the tokenizer's files.
+
+Checked against transformers' torch paths in tests (``tests/export/test_hf_transformers.py``):
+versions 5.12-5.14 floor NemotronH's dt at ``time_step_min`` where hybridlab has no floor, so
+``REQUIREMENT`` starts at 5.16. ``time_step_min``/``max``/``floor`` are written as hybridlab's dt
+init range, which only matters for a model built from the config. transformers 5.x cannot
+build the cache of a NemotronH or Bamba model without attention (its mask code asks the cache
+for an attention layer), so such exports set ``use_cache`` false: forward and ``generate`` then
+run the whole sequence every step.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba2Spec, MLPSpec
 from hybridlab.export.common import (
@@ -37,8 +49,12 @@ from hybridlab.export.common import (
     unify_attention,
     unify_ssm_as_mamba2,
 )
+from hybridlab.layers.init import DT_FLOOR, DT_MAX, DT_MIN
 
 CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
+WEIGHTS_FILE = "model.safetensors"
+REQUIREMENT = "transformers>=5.16,<6"
 Flavour = Literal["nemotron_h", "bamba"]
 
 
@@ -48,10 +64,14 @@ class HFFit(Fit):
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _common(arch: ArchConfig, seq_length: int) -> dict[str, Any]:
+def _common(arch: ArchConfig, seq_length: int, eos_id: int | None) -> dict[str, Any]:
+    attends = any(isinstance(s, AttentionSpec) for s in arch.layers)
+    # No pad id: Bamba's embedding would stop training that row (nn.Embedding padding_idx).
     return {"vocab_size": arch.vocab_size, "hidden_size": arch.d_model,
             "tie_word_embeddings": arch.tie_embeddings, "max_position_embeddings": seq_length,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32"}
+            "attention_dropout": 0.0, "initializer_range": 0.02, "dtype": "float32",
+            "use_cache": attends, "bos_token_id": None, "eos_token_id": eos_id,
+            "pad_token_id": None}
 
 
 def _attention_fields(attention: AttentionSpec | None, d_model: int) -> dict[str, Any]:
@@ -63,7 +83,7 @@ def _attention_fields(attention: AttentionSpec | None, d_model: int) -> dict[str
             "head_dim": attention.resolved_head_dim(d_model)}
 
 
-def fit_nemotron_h(arch: ArchConfig, *, seq_length: int) -> HFFit:
+def fit_nemotron_h(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> HFFit:
     d = arch.d_model
     changes: list[Change] = []
     ssm = [i for i, s in enumerate(arch.layers) if s.type in SSM_TYPES]
@@ -106,12 +126,14 @@ def fit_nemotron_h(arch: ArchConfig, *, seq_length: int) -> HFFit:
         mamba_fields = {"ssm_state_size": mamba.d_state, "mamba_num_heads": mamba.nheads(d),
                         "mamba_head_dim": mamba.headdim, "n_groups": mamba.ngroups,
                         "conv_kernel": mamba.d_conv, "expand": mamba.expand,
-                        "chunk_size": mamba.chunk_size}
-    pattern = "".join("M" if s.type in SSM_TYPES else s.symbol for s in arch.layers)
+                        "chunk_size": mamba.chunk_size, "time_step_min": DT_MIN,
+                        "time_step_max": DT_MAX, "time_step_floor": DT_FLOOR,
+                        "mamba_ssm_cache_dtype": "float32"}
+    kinds = {"attention": "full_attention", "mlp": "mlp"}
     config = {
         "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
-        **_common(arch, seq_length),
-        "num_hidden_layers": arch.n_layers, "hybrid_override_pattern": pattern,
+        **_common(arch, seq_length, eos_id),
+        "layers_block_type": [kinds.get(s.type, "linear_attention") for s in arch.layers],
         **_attention_fields(attention, d),  # type: ignore[arg-type]
         "attention_bias": False, "sliding_window": None,
         "intermediate_size": width, "mlp_hidden_act": "silu", "mlp_bias": False,
@@ -119,10 +141,13 @@ def fit_nemotron_h(arch: ArchConfig, *, seq_length: int) -> HFFit:
         "mamba_proj_bias": False, "use_bias": False, "layer_norm_epsilon": arch.norm_eps,
         "residual_in_fp32": False, "hidden_dropout": 0.0, "rescale_prenorm_residual": True,
     }
+    if arch.tie_embeddings:
+        notes.append("transformers' NemotronH does not tie the head: lm_head.weight is written as "
+                     "a copy of the embedding, and fine-tuning there trains the two apart")
     return HFFit(flavour="nemotron_h", config=config, changes=tuple(changes), notes=tuple(notes))
 
 
-def fit_bamba(arch: ArchConfig, *, seq_length: int) -> HFFit:
+def fit_bamba(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> HFFit:
     d = arch.d_model
     pairing = pair_blocks(arch)
     changes = [
@@ -175,7 +200,7 @@ def fit_bamba(arch: ArchConfig, *, seq_length: int) -> HFFit:
     theta = attention.rope_theta if attention is not None else AttentionSpec().rope_theta
     config = {
         "architectures": ["BambaForCausalLM"], "model_type": "bamba",
-        **_common(arch, seq_length),
+        **_common(arch, seq_length, eos_id),
         "num_hidden_layers": len(mixers),
         "attn_layer_indices": [b for b, i in enumerate(mixers) if i in attn_idx],
         **_attention_fields(attention, d),
@@ -184,15 +209,15 @@ def fit_bamba(arch: ArchConfig, *, seq_length: int) -> HFFit:
         "mamba_n_groups": mamba.ngroups, "mamba_d_state": mamba.d_state,
         "mamba_d_conv": mamba.d_conv, "mamba_expand": mamba.expand,
         "mamba_chunk_size": mamba.chunk_size, "mamba_conv_bias": True, "mamba_proj_bias": False,
-        # Older transformers read rope_theta, newer ones rope_parameters.
-        "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta,
+                            "partial_rotary_factor": 0.5},
     }
     return HFFit(flavour="bamba", config=config, changes=tuple(changes), notes=tuple(notes))
 
 
-def fits(arch: ArchConfig, *, seq_length: int) -> dict[Flavour, HFFit]:
-    return {"nemotron_h": fit_nemotron_h(arch, seq_length=seq_length),
-            "bamba": fit_bamba(arch, seq_length=seq_length)}
+def fits(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> dict[Flavour, HFFit]:
+    return {"nemotron_h": fit_nemotron_h(arch, seq_length=seq_length, eos_id=eos_id),
+            "bamba": fit_bamba(arch, seq_length=seq_length, eos_id=eos_id)}
 
 
 def choose(candidates: dict[Flavour, HFFit]) -> HFFit:
@@ -200,6 +225,80 @@ def choose(candidates: dict[Flavour, HFFit]) -> HFFit:
     return min(candidates.values(), key=lambda f: len(f.changes))
 
 
-def write(folder: Path, fitted: HFFit) -> list[str]:
+def _split_qkv(arch: ArchConfig, index: int, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """hybridlab's fused ``in_proj`` ([q, k, v] rows) as transformers' q/k/v projections."""
+    spec = arch.layers[index]
+    assert isinstance(spec, AttentionSpec)
+    head_dim = spec.resolved_head_dim(arch.d_model)
+    q, kv = spec.n_heads * head_dim, spec.kv_heads() * head_dim
+    return {"q_proj.weight": weight[:q], "k_proj.weight": weight[q:q + kv],
+            "v_proj.weight": weight[q + kv:]}
+
+
+def _mixer(arch: ArchConfig, index: int, state: Mapping[str, torch.Tensor],
+           prefix: str) -> dict[str, torch.Tensor]:
+    """One mixer's tensors under ``prefix``: Mamba-2 names are shared; attention is split."""
+    ours = f"backbone.layers.{index}.mixer."
+    tensors = {name[len(ours):]: t for name, t in state.items() if name.startswith(ours)}
+    if isinstance(arch.layers[index], AttentionSpec):
+        renamed = _split_qkv(arch, index, tensors.pop("in_proj.weight"))
+        renamed["o_proj.weight"] = tensors.pop("out_proj.weight")
+        tensors = renamed
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+def to_transformers(fitted: HFFit, arch: ArchConfig,
+                    state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A faithful fit's weights in the flavour's transformers names (``NemotronHForCausalLM`` or
+    ``BambaForCausalLM`` state-dict keys)."""
+    if not fitted.faithful:
+        raise ValueError("only a faithful fit has weights in transformers' names")
+    out: dict[str, torch.Tensor] = {}
+    if fitted.flavour == "nemotron_h":
+        out["model.embeddings.weight"] = state["backbone.embedding.weight"]
+        for i in range(arch.n_layers):
+            out[f"model.layers.{i}.norm.weight"] = state[f"backbone.layers.{i}.norm.weight"]
+            out |= _mixer(arch, i, state, f"model.layers.{i}.mixer.")
+        out["model.norm_f.weight"] = state["backbone.norm_f.weight"]
+        out["lm_head.weight"] = state["lm_head.weight"]
+        return out
+    out["model.embed_tokens.weight"] = state["backbone.embedding.weight"]
+    for block, (mixer, mlp) in enumerate(pair_blocks(arch).blocks):
+        theirs = f"model.layers.{block}."
+        out[theirs + "input_layernorm.weight"] = state[f"backbone.layers.{mixer}.norm.weight"]
+        kind = "self_attn" if isinstance(arch.layers[mixer], AttentionSpec) else "mamba"
+        out |= _mixer(arch, mixer, state, f"{theirs}{kind}.")
+        assert mlp is not None, "a faithful Bamba fit has an MLP after every mixer"
+        ours = f"backbone.layers.{mlp}."
+        out[theirs + "pre_ff_layernorm.weight"] = state[ours + "norm.weight"]
+        value, gate = state[ours + "mixer.fc1.weight"].chunk(2, dim=0)
+        out[theirs + "feed_forward.up_proj.weight"] = value
+        out[theirs + "feed_forward.gate_proj.weight"] = gate
+        out[theirs + "feed_forward.down_proj.weight"] = state[ours + "mixer.fc2.weight"]
+    out["model.final_layernorm.weight"] = state["backbone.norm_f.weight"]
+    if not arch.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+def generation_config(fitted: HFFit) -> dict[str, Any]:
+    """Greedy decoding, stopping at the tokenizer's end of text (none without a tokenizer)."""
+    eos = fitted.config["eos_token_id"]
+    return {"do_sample": False, "bos_token_id": None, "eos_token_id": eos,
+            "pad_token_id": eos, "use_cache": fitted.config["use_cache"]}
+
+
+def write(folder: Path, fitted: HFFit, arch: ArchConfig,
+          state: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """config.json and generation_config.json; with a faithful fit's trained ``state``, also
+    model.safetensors in transformers' names."""
     (folder / CONFIG_FILE).write_text(json.dumps(fitted.config, indent=2) + "\n")
-    return [CONFIG_FILE]
+    (folder / GENERATION_FILE).write_text(json.dumps(generation_config(fitted), indent=2) + "\n")
+    files = [CONFIG_FILE, GENERATION_FILE]
+    if state is not None and fitted.faithful:
+        tensors = to_transformers(fitted, arch, state)
+        # safetensors refuses tensors that share memory (a tied head, chunks of one weight).
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+                  str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        files.append(WEIGHTS_FILE)
+    return files

@@ -13,6 +13,7 @@ from safetensors.torch import load_model, save_model
 from hybridlab import code_version
 from hybridlab.config import ArchConfig
 from hybridlab.cost import param_count
+from hybridlab.data.tokenizer import Tokenizer
 from hybridlab.export import hf, mamba_ssm, megatron
 from hybridlab.export.card import CardInput, Provenance, lossy_md, model_card
 from hybridlab.export.common import (
@@ -25,6 +26,7 @@ from hybridlab.export.common import (
     verify_export,
     write_json,
 )
+from hybridlab.export.tokenizer_files import hf_tokenizer_files
 from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
 
@@ -32,7 +34,7 @@ FORMATS = ("hybridlab", "mamba_ssm", "megatron", "hf")
 DEFAULT_SEQ_LENGTH = 2048
 ARCH_FILE = "arch.yaml"
 WEIGHTS_FILE = "model.safetensors"
-# Beside a foreign config, hybridlab-named weights get a name that no foreign loader picks up.
+# Beside Megatron's arguments, hybridlab-named weights get a name no foreign loader picks up.
 FOREIGN_WEIGHTS_FILE = "hybridlab_weights.safetensors"
 CARD_FILE = "README.md"
 LOSSY_FILE = "LOSSY.md"
@@ -78,13 +80,19 @@ def _usage(fmt: str, flavour: str | None, weights: str | None) -> str:
                 "\"${MODEL_ARGS[@]}\" <tokenizer, data, parallelism, optimizer flags>\n```\n"
                 "`--vocab-size` is the trained vocabulary; with a real tokenizer Megatron takes "
                 "the vocabulary from it. `--seq-length` is the trained length.")
-    config = ("```python\nfrom transformers import AutoConfig, AutoModelForCausalLM\n\n"
-              "config = AutoConfig.from_pretrained(\"<this folder>\")\n"
-              "model = AutoModelForCausalLM.from_config(config)  # train from scratch\n```")
-    if weights == "hybridlab":
-        config += ("\nThe trained weights are in `hybridlab_weights.safetensors`, in hybridlab's "
-                   "names: `hybridlab.export.load_hybridlab(\"<this folder>\")` loads them.")
-    return config
+    if weights is None:
+        return ("```python\nfrom transformers import AutoConfig, AutoModelForCausalLM\n\n"
+                "config = AutoConfig.from_pretrained(\"<this folder>\")\n"
+                "model = AutoModelForCausalLM.from_config(config)  # train from scratch\n```\n"
+                f"Needs `{hf.REQUIREMENT}`.")
+    return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n"
+            "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")  # if the folder has "
+            "one\nids = tokenizer(\"Hello\", return_tensors=\"pt\").input_ids\n"
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))\n```\n"
+            f"Needs `{hf.REQUIREMENT}`. Greedy decoding is the default "
+            "(generation_config.json). A model without attention layers has `use_cache` "
+            "false: transformers 5.x builds no cache for it, so each step reruns the sequence.")
 
 
 def _save_weights(model: HybridLM, folder: Path, name: str) -> str:
@@ -100,30 +108,35 @@ def _check(fmt: str, fitted: Fit, *, lossy: bool) -> None:
 
 def write_export(
     model: HybridLM, fmt: str, folder: Path, *, lossy: bool = False,
-    provenance: Provenance | None = None,
+    provenance: Provenance | None = None, tokenizer: Tokenizer | None = None,
 ) -> ExportResult:
     """Write ``model`` in ``fmt`` into the existing empty ``folder`` (not atomic by itself)."""
-    return _write(model.config, model, fmt, folder, lossy=lossy, provenance=provenance)
+    return _write(model.config, model, fmt, folder, lossy=lossy, provenance=provenance,
+                  tokenizer=tokenizer)
 
 
 def write_config_export(
     arch: ArchConfig, fmt: str, folder: Path, *, lossy: bool = False,
-    provenance: Provenance | None = None,
+    provenance: Provenance | None = None, tokenizer: Tokenizer | None = None,
 ) -> ExportResult:
     """Write the architecture alone, no weights, in ``fmt`` into the existing empty ``folder``.
 
     Every format takes a config without weights (none of them needs weights to describe a
     model); no model is built, so this works for architectures too large to instantiate here.
     """
-    return _write(arch, None, fmt, folder, lossy=lossy, provenance=provenance)
+    return _write(arch, None, fmt, folder, lossy=lossy, provenance=provenance,
+                  tokenizer=tokenizer)
 
 
 def _write(
     arch: ArchConfig, model: HybridLM | None, fmt: str, folder: Path, *, lossy: bool,
-    provenance: Provenance | None,
+    provenance: Provenance | None, tokenizer: Tokenizer | None,
 ) -> ExportResult:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocabulary is {arch.vocab_size}")
     prov = provenance or Provenance()
     seq_length = prov.seq_length or DEFAULT_SEQ_LENGTH
     extra_notes: list[str] = []
@@ -148,15 +161,23 @@ def _write(
         fitted, target = mega_fit, mega_fit.target
         files = megatron.write(folder, mega_fit, seq_length=seq_length)
     else:
-        candidates = hf.fits(arch, seq_length=seq_length)
+        candidates = hf.fits(arch, seq_length=seq_length,
+                             eos_id=None if tokenizer is None else tokenizer.eot_id)
         hf_fit = hf.choose(candidates)
         if hf_fit.changes and not lossy:
             raise ExportRefused(fmt, {name: f.changes for name, f in candidates.items()})
         fitted, flavour = hf_fit, hf_fit.flavour
-        files = hf.write(folder, hf_fit)
-    if fmt in ("megatron", "hf") and fitted.faithful and model is not None:
+        files = hf.write(folder, hf_fit, arch, None if model is None else model.state_dict())
+        weights = "transformers" if hf.WEIGHTS_FILE in files else None
+    if fmt == "megatron" and fitted.faithful and model is not None:
         files.append(_save_weights(model, folder, FOREIGN_WEIGHTS_FILE))
         weights = "hybridlab"
+    if tokenizer is not None:
+        for name, text in hf_tokenizer_files(tokenizer, model_max_length=seq_length).items():
+            (folder / name).write_text(text, encoding="utf-8")
+            files.append(name)
+    elif fmt == "hf":
+        extra_notes.append("no tokenizer: the task's tokens are not text (a synthetic task)")
 
     arch.save(folder / ARCH_FILE)
     files.append(ARCH_FILE)
@@ -177,7 +198,8 @@ def _write(
     files.append(CARD_FILE)
     hashes = {name: sha256_file(folder / name) for name in files}
     weights_file = {"hybridlab": WEIGHTS_FILE if fmt == "hybridlab" else FOREIGN_WEIGHTS_FILE,
-                    "mamba_ssm": mamba_ssm.WEIGHTS_FILE, None: None}[weights]
+                    "mamba_ssm": mamba_ssm.WEIGHTS_FILE, "transformers": hf.WEIGHTS_FILE,
+                    None: None}[weights]
     manifest: dict[str, Any] = {
         "format": fmt, "flavour": flavour, "faithful": fitted.faithful,
         "weights": None if weights is None else {"file": weights_file, "naming": weights},
@@ -195,22 +217,24 @@ def _write(
 
 def export_model(
     model: HybridLM, fmt: str, out: str | Path, *, lossy: bool = False,
-    provenance: Provenance | None = None,
+    provenance: Provenance | None = None, tokenizer: Tokenizer | None = None,
 ) -> ExportResult:
     """Export ``model`` in ``fmt`` to the new folder ``out``: complete, or not there at all.
 
     A format that cannot represent the architecture raises :class:`ExportRefused` naming each
     layer and field, unless ``lossy``: then the closest config is written without weights and the
-    changes are listed in the result and in LOSSY.md.
+    changes are listed in the result and in LOSSY.md. With the ``tokenizer`` of the task the
+    model was trained on, the export carries it as files ``AutoTokenizer`` loads.
     """
     with atomic_folder(Path(out)) as tmp:
-        result = write_export(model, fmt, tmp, lossy=lossy, provenance=provenance)
+        result = write_export(model, fmt, tmp, lossy=lossy, provenance=provenance,
+                              tokenizer=tokenizer)
     return replace(result, folder=Path(out))
 
 
 def load_hybridlab(folder: str | Path, *, device: str = "cpu") -> HybridLM:
     """Rebuild the exported model from arch.yaml and the hybridlab-named weights of an export
-    (hybridlab format, or a faithful megatron/hf export), after verifying the hashes."""
+    (hybridlab format, or a faithful megatron export), after verifying the hashes."""
     folder = Path(folder)
     manifest = verify_export(folder)
     weights = manifest.get("weights")

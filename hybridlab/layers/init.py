@@ -30,14 +30,20 @@ def residual_std(n_layers: int) -> float:
     return EMBED_STD / math.sqrt(2 * n_layers)
 
 
+# Mamba's dt init range and floor; exporters write them where a format's config has them.
+DT_MIN = 1e-3
+DT_MAX = 0.1
+DT_FLOOR = 1e-4
+
+
 @torch.no_grad()
 def dt_bias_(
     bias: torch.Tensor,
     generator: torch.Generator,
     *,
-    dt_min: float = 1e-3,
-    dt_max: float = 0.1,
-    dt_floor: float = 1e-4,
+    dt_min: float = DT_MIN,
+    dt_max: float = DT_MAX,
+    dt_floor: float = DT_FLOOR,
 ) -> None:
     """Mamba's dt init: softplus(bias) is log-uniform in [dt_min, dt_max]."""
     u = torch.rand(bias.shape, generator=generator, dtype=torch.float64)

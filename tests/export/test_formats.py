@@ -335,32 +335,6 @@ def test_megatron_arguments_match_the_architecture(trained, tmp_path, logits):
     assert torch.equal(logits(load_hybridlab(tmp_path / "out")), logits(model))
 
 
-def test_hf_picks_bamba_for_mamba2_mlp_blocks(tmp_path):
-    config = arch("M-M-", mamba2=Mamba2Spec(d_state=16, headdim=16, chunk_size=16))
-    result = export_model(HybridLM(config), "hf", tmp_path / "out")
-    assert result.faithful and result.flavour == "bamba"
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == "bamba" and written["attn_layer_indices"] == []
-    assert written["num_hidden_layers"] == 2 and written["intermediate_size"] == 176
-    assert (written["mamba_n_heads"], written["mamba_d_head"], written["mamba_d_state"],
-            written["mamba_n_groups"]) == (8, 16, 16, 1)
-
-
-def test_hf_picks_nemotron_h_for_single_kind_layers_without_rope(tmp_path):
-    config = arch("MM*M", attention=AttentionSpec(n_heads=4, n_kv_heads=1, rope=False))
-    result = export_model(HybridLM(config), "hf", tmp_path / "out")
-    assert result.faithful and result.flavour == "nemotron_h"
-    written = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert written["model_type"] == "nemotron_h"
-    assert written["hybrid_override_pattern"] == "MM*M" and written["num_hidden_layers"] == 4
-    assert (written["num_attention_heads"], written["num_key_value_heads"],
-            written["head_dim"]) == (4, 1, 16)
-    assert (written["mamba_num_heads"], written["mamba_head_dim"],
-            written["ssm_state_size"]) == (8, 16, 16)
-    assert (tmp_path / "out" / "hybridlab_weights.safetensors").is_file()
-    assert "hf (nemotron_h) format" in (tmp_path / "out" / "README.md").read_text()
-
-
 def test_converter_refuses_mamba_ssm_options_hybridlab_cannot_build():
     config = dict(MAMBA_SSM_CONFIG, ssm_cfg={**MAMBA_SSM_CONFIG["ssm_cfg"],
                                               "norm_before_gate": True})

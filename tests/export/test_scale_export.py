@@ -84,7 +84,7 @@ def test_best_trial_exports_its_scaled_config_labelled_untrained(study, tmp_path
      and data["arguments"]["--hidden-size"] == arch.d_model),
     ("hf", 2, "config.json",
      lambda data, arch: data["hidden_size"] == arch.d_model
-     and data["hybrid_override_pattern"] == arch.pattern),
+     and len(data["layers_block_type"]) == arch.n_layers),
 ])
 def test_every_format_takes_the_scaled_config_without_weights(study, tmp_path, fmt, trial,
                                                               config_file, check):
