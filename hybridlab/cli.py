@@ -26,6 +26,7 @@ from hybridlab.cost import cost_report, measure_tokens_per_second
 from hybridlab.errors import HybridlabError
 from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
+from hybridlab.files import write_text_atomic
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
 from hybridlab.scale import STRATEGIES
@@ -152,14 +153,19 @@ def train_command(args: argparse.Namespace) -> int:
     # A bar on a terminal; piped into a log, a plain line per log interval.
     result = train(model, task, cfg, checkpoint_dir=out, callback=show,
                    progress="bar" if sys.stderr.isatty() else "lines")
-    if out.is_dir():
-        arch.save(out / "arch.yaml")
     summary = {
         "status": result.status, "reason": result.reason, "steps": result.steps,
         "tokens": result.tokens, "seconds": round(result.seconds, 2),
         "metrics": result.metrics, "checkpoint": str(result.checkpoint) if result.checkpoint
         else None, "task": task.fingerprint(), "recovered": result.recovered,
     }
+    if out.is_dir():
+        arch.save(out / "arch.yaml")
+        # What `hybridlab export --checkpoint` reads: the task (and its tokenizer) it trained on.
+        run = {"task": args.task, "task_options": _options(args.task_option, "--task-option"),
+               "task_fingerprint": task.fingerprint(), "code_version": code_version(),
+               **{k: summary[k] for k in ("status", "steps", "metrics")}}
+        write_text_atomic(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0 if result.status != "diverged" else 1
 

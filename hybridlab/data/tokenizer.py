@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
+
+from hybridlab.files import write_text_atomic
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -171,7 +172,7 @@ class BPETokenizer:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"bpe-{hashlib.sha256(serialized.encode()).hexdigest()[:16]}.json"
         if not path.exists():
-            _atomic_write_text(path, serialized)
+            write_text_atomic(path, serialized)
         return cls(serialized)
 
     def encode(self, text: str | bytes) -> list[int]:
@@ -218,13 +219,22 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return BPETokenizer.load(path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def tokenizer_of(fingerprint: dict | None, spec: str | None) -> tuple[Tokenizer | None, str | None]:
+    """The tokenizer a task fingerprint names, and a note when it cannot be had.
+
+    ``spec`` is the task's ``tokenizer`` option ("byte" or a BPE file), which the fingerprint
+    alone does not hold; the tokenizer is returned only when its fingerprint matches. A task
+    without text (MQAR, MAD, a suite of them) has none.
+    """
+    named = (fingerprint or {}).get("tokenizer")
+    if not named:
+        return None, "no tokenizer: the task's tokens are not text (a synthetic task)"
     try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tokenizer = load_tokenizer(spec or "byte")
+    except (ValueError, ImportError) as err:
+        return None, f"the task's tokenizer could not be loaded ({err})"
+    if tokenizer_fingerprint(tokenizer) != named:
+        return None, (f"the tokenizer {spec or 'byte'!r} is not the one the model was trained "
+                      f"with (fingerprint {named}); the export has none")
+    return tokenizer, None
+

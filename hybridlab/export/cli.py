@@ -22,6 +22,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--pareto", action="store_true",
                        help="every Pareto-optimal trial, one subfolder each")
     which.add_argument("--trial", type=int, metavar="N", help="trial number N")
+    which.add_argument("--checkpoint", metavar="PATH",
+                       help="not a study: the folder `hybridlab train` wrote (its newest "
+                            "checkpoint) or one of its step_* checkpoints")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="hybridlab: arch.yaml + weights + model card; mamba_ssm: "
                              "MambaLMHeadModel config + weights; megatron: hybrid pattern and "
@@ -43,11 +46,23 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     """Export the best, Pareto-optimal or one chosen trial of a study in a trainer's format."""
-    from hybridlab.export.study import export_scaled, export_study
+    from hybridlab.export.study import StudyExport, export_scaled, export_study
+    from hybridlab.export.trained import export_checkpoint
 
     selection = "best" if args.best else "pareto" if args.pareto else args.trial
     try:
-        if args.scale_to is None:
+        if args.checkpoint is not None:
+            for flag, given in (("--study", args.study), ("--storage", args.storage),
+                                ("--task", args.task), ("--scale-to", args.scale_to)):
+                if given is not None:
+                    raise ExportError(f"{flag} does not apply with --checkpoint (a study's "
+                                      "option); to extrapolate a trained architecture run "
+                                      "`hybridlab scale <folder>/arch.yaml --to ...`")
+            result = export_checkpoint(args.checkpoint, fmt=args.format, out=args.out,
+                                       lossy=args.lossy)
+            done = StudyExport(out=result.folder, description=f"checkpoint {args.checkpoint}",
+                               exports=(result,), skipped=())
+        elif args.scale_to is None:
             for flag, given in (("--strategy", args.strategy), ("--scale-d-state",
                                                                args.scale_d_state)):
                 if given:

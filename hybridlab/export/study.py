@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from safetensors.torch import load_model
 from sqlalchemy.engine import Engine
 
 from hybridlab.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint
 from hybridlab.config import ArchConfig, ConfigError
+from hybridlab.data.tokenizer import Tokenizer, tokenizer_of
 from hybridlab.export.card import EvalRow, OptimizedValue, Provenance
 from hybridlab.export.common import ExportError, atomic_folder, write_json
 from hybridlab.export.writer import ExportResult, write_config_export, write_export
@@ -63,6 +65,8 @@ class _Resolved:
     weights: Path
     weights_trial: int
     provenance: Provenance
+    tokenizer: Tokenizer | None
+    notes: tuple[str, ...]
 
     def build(self) -> HybridLM:
         model = HybridLM(self.arch)
@@ -136,8 +140,19 @@ def _resolve(
         checkpoint_sha256=artifact.sha256, checkpoint_step=meta.get("step"),
         state_context=cand.state_context,
     )
+    tokenizer, note = tokenizer_of(cand.task_fingerprint, _tokenizer_option(study))
     return _Resolved(trial=trial, arch=arch, weights=path / MODEL_FILE,
-                     weights_trial=weights.owner, provenance=provenance)
+                     weights_trial=weights.owner, provenance=provenance, tokenizer=tokenizer,
+                     notes=() if note is None else (note,))
+
+
+def _tokenizer_option(study: optuna.Study) -> str | None:
+    """The space's ``task.options.tokenizer`` (a BPE file), which the fingerprint only hashes."""
+    try:
+        space = yaml.safe_load(study.user_attrs.get("space") or "") or {}
+        return space["task"]["options"]["tokenizer"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def export_study(
@@ -178,7 +193,8 @@ def export_study(
 
     entries = [_Entry(trial=item.trial, pattern=item.arch.pattern,
                       write=lambda folder, item=item: write_export(
-                          item.build(), fmt, folder, lossy=lossy, provenance=item.provenance))
+                          item.build(), fmt, folder, lossy=lossy, provenance=item.provenance,
+                          tokenizer=item.tokenizer, notes=item.notes))
                for item in chosen]
     return _write_selection(Path(out), entries, own_folders=selection == "pareto", index={
         "study": name, "selection": description, "format": fmt, "skipped": skipped})

@@ -3,6 +3,7 @@ card), LOSSY.md when lossy, and export.json (the manifest with every file's sha2
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -109,10 +110,12 @@ def _check(fmt: str, fitted: Fit, *, lossy: bool) -> None:
 def write_export(
     model: HybridLM, fmt: str, folder: Path, *, lossy: bool = False,
     provenance: Provenance | None = None, tokenizer: Tokenizer | None = None,
+    notes: Sequence[str] = (),
 ) -> ExportResult:
-    """Write ``model`` in ``fmt`` into the existing empty ``folder`` (not atomic by itself)."""
+    """Write ``model`` in ``fmt`` into the existing empty ``folder`` (not atomic by itself);
+    ``notes`` are the caller's, for the model card and manifest."""
     return _write(model.config, model, fmt, folder, lossy=lossy, provenance=provenance,
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, notes=notes)
 
 
 def write_config_export(
@@ -125,12 +128,12 @@ def write_config_export(
     model); no model is built, so this works for architectures too large to instantiate here.
     """
     return _write(arch, None, fmt, folder, lossy=lossy, provenance=provenance,
-                  tokenizer=tokenizer)
+                  tokenizer=tokenizer, notes=())
 
 
 def _write(
     arch: ArchConfig, model: HybridLM | None, fmt: str, folder: Path, *, lossy: bool,
-    provenance: Provenance | None, tokenizer: Tokenizer | None,
+    provenance: Provenance | None, tokenizer: Tokenizer | None, notes: Sequence[str],
 ) -> ExportResult:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -139,7 +142,7 @@ def _write(
                           f"vocabulary is {arch.vocab_size}")
     prov = provenance or Provenance()
     seq_length = prov.seq_length or DEFAULT_SEQ_LENGTH
-    extra_notes: list[str] = []
+    extra_notes = list(notes)
     if fmt in ("megatron", "hf") and prov.seq_length is None:
         extra_notes.append(f"no trained sequence length was recorded; wrote {seq_length}")
     flavour: str | None = None
@@ -176,21 +179,19 @@ def _write(
         for name, text in hf_tokenizer_files(tokenizer, model_max_length=seq_length).items():
             (folder / name).write_text(text, encoding="utf-8")
             files.append(name)
-    elif fmt == "hf":
-        extra_notes.append("no tokenizer: the task's tokens are not text (a synthetic task)")
 
     arch.save(folder / ARCH_FILE)
     files.append(ARCH_FILE)
     if fitted.changes:
         (folder / LOSSY_FILE).write_text(lossy_md(fmt, flavour, arch, fitted.changes, target))
         files.append(LOSSY_FILE)
-    notes = (*fitted.notes, *extra_notes)
+    all_notes = (*fitted.notes, *extra_notes)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     exported_by = f"hybridlab {code_version()}"
     params = param_count(arch) if model is None else sum(p.numel() for p in model.parameters())
     card = CardInput(
         arch=arch, params=params, fmt=fmt, flavour=flavour,
-        files=files, weights=weights, changes=fitted.changes, notes=notes,
+        files=files, weights=weights, changes=fitted.changes, notes=all_notes,
         usage=_usage(fmt, flavour, weights), created=created, exported_by=exported_by,
         provenance=prov,
     )
@@ -206,18 +207,19 @@ def _write(
         "architecture": {"file": ARCH_FILE, "pattern": arch.pattern,
                          "genome_hash": arch.canonical_hash(), "params": card.params},
         "untrained": prov.untrained,
-        "changes": [c.to_dict() for c in fitted.changes], "notes": list(notes),
+        "changes": [c.to_dict() for c in fitted.changes], "notes": list(all_notes),
         "source": prov.to_dict(), "created": created, "exported_by": exported_by,
         "files": hashes,
     }
     write_json(folder / MANIFEST_FILE, manifest)
     return ExportResult(folder=folder, format=fmt, flavour=flavour, changes=fitted.changes,
-                        notes=notes, files=hashes, weights=weights)
+                        notes=all_notes, files=hashes, weights=weights)
 
 
 def export_model(
     model: HybridLM, fmt: str, out: str | Path, *, lossy: bool = False,
     provenance: Provenance | None = None, tokenizer: Tokenizer | None = None,
+    notes: Sequence[str] = (),
 ) -> ExportResult:
     """Export ``model`` in ``fmt`` to the new folder ``out``: complete, or not there at all.
 
@@ -228,7 +230,7 @@ def export_model(
     """
     with atomic_folder(Path(out)) as tmp:
         result = write_export(model, fmt, tmp, lossy=lossy, provenance=provenance,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, notes=notes)
     return replace(result, folder=Path(out))
 
 

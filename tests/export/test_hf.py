@@ -15,8 +15,9 @@ import yaml
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba2Spec, MLPSpec
 from hybridlab.cost import param_count
-from hybridlab.data.tokenizer import BPETokenizer, ByteTokenizer
+from hybridlab.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_fingerprint
 from hybridlab.export import ExportRefused, export_model
+from hybridlab.export.study import export_study
 from hybridlab.export.writer import write_config_export
 from hybridlab.model import HybridLM
 
@@ -177,3 +178,23 @@ def test_a_lossy_export_writes_no_weights(tmp_path):
 def _empty(path):
     path.mkdir(parents=True)
     return path
+
+
+@pytest.mark.parametrize("text_task", [True, False])
+def test_a_study_export_carries_the_tokenizer_its_task_trained_with(
+    make_study, row, checkpoint_of, tmp_path, text_task
+):
+    model = build("bamba-tied", seed=7)
+    fingerprint = ({"name": "corpus", "seq_len": 64,
+                    "tokenizer": tokenizer_fingerprint(ByteTokenizer())} if text_task
+                   else {"name": "mqar", "params": {"seq_len": 64}})
+    url = make_study([row([0.5], arch=model.config, checkpoint=checkpoint_of(model),
+                          fingerprint=fingerprint)], directions=["maximize"])
+    done = export_study("s", selection="best", fmt="hf", out=tmp_path / "out", storage=url)
+    (result,) = done.exports
+    assert (tmp_path / "out" / "tokenizer.json").is_file() is text_task
+    if text_task:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+        assert tokenizer("hi!", add_special_tokens=False)["input_ids"] == [104, 105, 33]
+    else:
+        assert any("no tokenizer" in note for note in result.notes)
