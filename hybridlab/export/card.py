@@ -114,7 +114,8 @@ class CardInput:
     provenance: Provenance
 
 
-_HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM"}
+_HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM",
+               "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 _LAYER_TAGS = {"mamba1": "mamba", "mamba2": "mamba2", "attention": "attention", "mlp": "mlp"}
 
 

@@ -1,6 +1,6 @@
-"""Hugging Face transformers model folders: NemotronH (``nemotron_h``) or Bamba (``bamba``).
+"""Hugging Face transformers model folders: NemotronH, Bamba or GraniteMoeHybrid.
 
-Both are Mamba-2 hybrids with one setting per layer kind; they differ in structure:
+All are Mamba-2 hybrids with one setting per layer kind; they differ in structure:
 
 - NemotronH stacks single-kind layers by ``layers_block_type`` (each with its own pre-norm, as
   hybridlab). Its attention (Jamba's) has no positional encoding, and its MLP is ungated
@@ -10,8 +10,12 @@ Both are Mamba-2 hybrids with one setting per layer kind; they differ in structu
 - Bamba builds every layer as mixer + SwiGLU MLP (``attn_layer_indices`` picks the attention
   layers), like a mamba_ssm block. Its attention always applies RoPE to half of each head
   (``partial_rotary_factor`` 0.5, hard-coded by ``BambaConfig``), and its gated norm normalises
-  over the whole inner width in some transformers 5.x versions, which equals hybridlab's grouped
-  norm only with one group. It fits Mamba-2 + MLP stacks with ``ngroups`` 1 and no attention.
+  over the whole inner width in transformers 5.16, which equals hybridlab's grouped norm only
+  with one group. It fits Mamba-2 + MLP stacks with ``ngroups`` 1 and no attention.
+- GraniteMoeHybrid (``granitemoehybrid``) with no experts has Bamba's blocks (its ``shared_mlp``
+  is the SwiGLU MLP) and attention with full RoPE or none, once its embedding, residual,
+  attention and logit multipliers are set to what hybridlab computes. It fits Mamba-2 + MLP
+  blocks with ``ngroups`` 1 and any one attention setting: the common ``M-M-*-`` hybrids.
 
 ``--format hf`` picks the flavour that fits; when neither does it is refused with both lists of
 reasons, or written (``--lossy``) as the flavour with fewer changes. A faithful export of a
@@ -55,7 +59,7 @@ CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 REQUIREMENT = "transformers>=5.16,<6"
-Flavour = Literal["nemotron_h", "bamba"]
+Flavour = Literal["nemotron_h", "bamba", "granitemoehybrid"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,12 +151,25 @@ def fit_nemotron_h(arch: ArchConfig, *, seq_length: int, eos_id: int | None = No
     return HFFit(flavour="nemotron_h", config=config, changes=tuple(changes), notes=tuple(notes))
 
 
-def fit_bamba(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> HFFit:
+@dataclass(frozen=True)
+class _Blocks:
+    """A stack fitted to mixer + SwiGLU-MLP layers with one setting per kind (Bamba, Granite)."""
+
+    mixers: list[int]
+    attention_indices: list[int]
+    width: int
+    mamba: Mamba2Spec
+    attention: AttentionSpec | None
+    changes: list[Change]
+    notes: list[str]
+
+
+def _fit_blocks(arch: ArchConfig, fmt: str) -> _Blocks:
     d = arch.d_model
     pairing = pair_blocks(arch)
     changes = [
         Change(where=f"layers[{i}]", was=describe(arch.layers[i], d), now="removed",
-               reason="a Bamba layer is mixer + one MLP: each MLP must directly follow a mixer")
+               reason=f"a {fmt} layer is mixer + one MLP: each MLP must directly follow a mixer")
         for i in pairing.stray_mlps
     ]
     with_mlp = {mlp: arch.layers[mlp] for _, mlp in pairing.blocks if mlp is not None}
@@ -166,62 +183,111 @@ def fit_bamba(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -
     changes += [
         Change(where=f"layers[{mixer}]", was=f"{arch.layers[mixer].type} without an MLP",
                now=f"{arch.layers[mixer].type} + SwiGLU MLP of width {width}",
-               reason="every Bamba layer has an MLP")
+               reason=f"every {fmt} layer has an MLP")
         for mixer, after in pairing.blocks if after is None
     ]
 
     mixers = [mixer for mixer, _ in pairing.blocks]
     ssm = [i for i in mixers if arch.layers[i].type in SSM_TYPES]
     mamba, ssm_changes, notes = unify_ssm_as_mamba2(
-        arch, ssm, fmt="Bamba", reason="Bamba has one Mamba setting for all layers")
+        arch, ssm, fmt=fmt, reason=f"{fmt} has one Mamba setting for all layers")
     changes += ssm_changes
     if mamba is not None and mamba.ngroups != 1:
         changes += [
             Change(where=f"layers[{i}].ngroups", was=str(mamba.ngroups), now="1",
-                   reason="Bamba's gated RMSNorm normalises over the whole inner width, which "
-                          "equals hybridlab's per-group norm only with one group")
+                   reason=f"{fmt}'s gated RMSNorm normalises over the whole inner width in "
+                          "transformers 5.16, which equals hybridlab's per-group norm only "
+                          "with one group")
             for i in ssm
         ]
         mamba = replace(mamba, ngroups=1)
 
     attn_idx = [i for i in mixers if isinstance(arch.layers[i], AttentionSpec)]
     attention, attn_changes = unify_attention(
-        arch, attn_idx, reason="Bamba has one attention setting for all layers",
-        window_reason="hybridlab maps no sliding window onto Bamba")
+        arch, attn_idx, reason=f"{fmt} has one attention setting for all layers",
+        window_reason=f"hybridlab maps no sliding window onto {fmt}")
     changes += attn_changes
-    changes += [
+    return _Blocks(mixers=mixers, attention_indices=attn_idx, width=width,
+                   mamba=mamba or Mamba2Spec(), attention=attention, changes=changes,
+                   notes=notes)
+
+
+def _mamba_fields(mamba: Mamba2Spec, d_model: int) -> dict[str, Any]:
+    """Bamba's and GraniteMoeHybrid's spelling of the Mamba-2 settings."""
+    return {"mamba_n_heads": mamba.nheads(d_model), "mamba_d_head": mamba.headdim,
+            "mamba_n_groups": mamba.ngroups, "mamba_d_state": mamba.d_state,
+            "mamba_d_conv": mamba.d_conv, "mamba_expand": mamba.expand,
+            "mamba_chunk_size": mamba.chunk_size, "mamba_conv_bias": True,
+            "mamba_proj_bias": False}
+
+
+def fit_bamba(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> HFFit:
+    d = arch.d_model
+    fitted = _fit_blocks(arch, "Bamba")
+    changes = fitted.changes + [
         Change(where=f"layers[{i}].rope", was="full RoPE" if arch.layers[i].rope else "no RoPE",  # type: ignore[union-attr]
                now="RoPE on half of each head",
                reason="BambaConfig hard-codes partial_rotary_factor 0.5")
-        for i in attn_idx
+        for i in fitted.attention_indices
     ]
-
-    mamba = mamba or Mamba2Spec()
+    attention = fitted.attention
     theta = attention.rope_theta if attention is not None else AttentionSpec().rope_theta
     config = {
         "architectures": ["BambaForCausalLM"], "model_type": "bamba",
         **_common(arch, seq_length, eos_id),
-        "num_hidden_layers": len(mixers),
-        "attn_layer_indices": [b for b, i in enumerate(mixers) if i in attn_idx],
+        "num_hidden_layers": len(fitted.mixers),
+        "attn_layer_indices": [b for b, i in enumerate(fitted.mixers)
+                               if i in fitted.attention_indices],
         **_attention_fields(attention, d),
-        "intermediate_size": width, "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
-        "mamba_n_heads": mamba.nheads(d), "mamba_d_head": mamba.headdim,
-        "mamba_n_groups": mamba.ngroups, "mamba_d_state": mamba.d_state,
-        "mamba_d_conv": mamba.d_conv, "mamba_expand": mamba.expand,
-        "mamba_chunk_size": mamba.chunk_size, "mamba_conv_bias": True, "mamba_proj_bias": False,
+        "intermediate_size": fitted.width, "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
+        **_mamba_fields(fitted.mamba, d),
         "rope_parameters": {"rope_type": "default", "rope_theta": theta,
                             "partial_rotary_factor": 0.5},
     }
-    return HFFit(flavour="bamba", config=config, changes=tuple(changes), notes=tuple(notes))
+    return HFFit(flavour="bamba", config=config, changes=tuple(changes),
+                 notes=tuple(fitted.notes))
+
+
+def fit_granite(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> HFFit:
+    """GraniteMoeHybrid without experts: Bamba's blocks with full RoPE (or none) and its
+    multipliers set to identities."""
+    d = arch.d_model
+    fitted = _fit_blocks(arch, "GraniteMoeHybrid")
+    attention = fitted.attention
+    # head_dim is not a GraniteMoeHybridConfig field, but its attention and RoPE read it.
+    rope = attention is not None and attention.rope
+    config = {
+        "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid",
+        **_common(arch, seq_length, eos_id),
+        "num_hidden_layers": len(fitted.mixers),
+        "layer_types": ["full_attention" if i in fitted.attention_indices else
+                        "linear_attention" for i in fitted.mixers],
+        **_attention_fields(attention, d),
+        "attention_multiplier": (attention.resolved_head_dim(d) ** -0.5 if attention is not None
+                                 else 1.0),
+        "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+        "num_local_experts": 0, "num_experts_per_tok": 0,
+        "shared_intermediate_size": fitted.width, "intermediate_size": fitted.width,
+        "hidden_act": "silu", "rms_norm_eps": arch.norm_eps,
+        **_mamba_fields(fitted.mamba, d),
+        "position_embedding_type": "rope" if rope else None,
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": attention.rope_theta if rope else  # type: ignore[union-attr]
+                            AttentionSpec().rope_theta},
+    }
+    return HFFit(flavour="granitemoehybrid", config=config, changes=tuple(fitted.changes),
+                 notes=tuple(fitted.notes))
 
 
 def fits(arch: ArchConfig, *, seq_length: int, eos_id: int | None = None) -> dict[Flavour, HFFit]:
     return {"nemotron_h": fit_nemotron_h(arch, seq_length=seq_length, eos_id=eos_id),
-            "bamba": fit_bamba(arch, seq_length=seq_length, eos_id=eos_id)}
+            "bamba": fit_bamba(arch, seq_length=seq_length, eos_id=eos_id),
+            "granitemoehybrid": fit_granite(arch, seq_length=seq_length, eos_id=eos_id)}
 
 
 def choose(candidates: dict[Flavour, HFFit]) -> HFFit:
-    """The faithful flavour, else the one with the fewest changes (NemotronH on a tie)."""
+    """The faithful flavour, else the one with the fewest changes (the first of ``fits`` on a
+    tie)."""
     return min(candidates.values(), key=lambda f: len(f.changes))
 
 
@@ -263,19 +329,28 @@ def to_transformers(fitted: HFFit, arch: ArchConfig,
         out["lm_head.weight"] = state["lm_head.weight"]
         return out
     out["model.embed_tokens.weight"] = state["backbone.embedding.weight"]
+    granite = fitted.flavour == "granitemoehybrid"
     for block, (mixer, mlp) in enumerate(pair_blocks(arch).blocks):
         theirs = f"model.layers.{block}."
         out[theirs + "input_layernorm.weight"] = state[f"backbone.layers.{mixer}.norm.weight"]
         kind = "self_attn" if isinstance(arch.layers[mixer], AttentionSpec) else "mamba"
         out |= _mixer(arch, mixer, state, f"{theirs}{kind}.")
-        assert mlp is not None, "a faithful Bamba fit has an MLP after every mixer"
+        assert mlp is not None, "a faithful block fit has an MLP after every mixer"
         ours = f"backbone.layers.{mlp}."
-        out[theirs + "pre_ff_layernorm.weight"] = state[ours + "norm.weight"]
+        norm = "post_attention_layernorm" if granite else "pre_ff_layernorm"
+        out[f"{theirs}{norm}.weight"] = state[ours + "norm.weight"]
         value, gate = state[ours + "mixer.fc1.weight"].chunk(2, dim=0)
-        out[theirs + "feed_forward.up_proj.weight"] = value
-        out[theirs + "feed_forward.gate_proj.weight"] = gate
-        out[theirs + "feed_forward.down_proj.weight"] = state[ours + "mixer.fc2.weight"]
-    out["model.final_layernorm.weight"] = state["backbone.norm_f.weight"]
+        down = state[ours + "mixer.fc2.weight"]
+        if granite:
+            # Its input_linear is [gate, value]: act(first half) * second half.
+            out[theirs + "shared_mlp.input_linear.weight"] = torch.cat([gate, value])
+            out[theirs + "shared_mlp.output_linear.weight"] = down
+        else:
+            out[theirs + "feed_forward.up_proj.weight"] = value
+            out[theirs + "feed_forward.gate_proj.weight"] = gate
+            out[theirs + "feed_forward.down_proj.weight"] = down
+    out["model.norm.weight" if granite else "model.final_layernorm.weight"] = (
+        state["backbone.norm_f.weight"])
     if not arch.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out

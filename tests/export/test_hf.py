@@ -40,6 +40,16 @@ FAMILIES = {
     "bamba-tied": dict(pattern="M-M-", d_model=64, headdim=16, ngroups=1, tie=True),
     "bamba-untied": dict(pattern="M-M-M-", d_model=80, headdim=20, ngroups=1, tie=False,
                          mlp=MLPSpec(multiplier=2.0, multiple_of=8)),
+    # GraniteMoeHybrid without experts: Bamba's blocks with full RoPE (or none) attention.
+    "granitemoehybrid-gqa-rope": dict(pattern="M-M-*-", d_model=64, headdim=16, ngroups=1,
+                                      tie=True, attention=AttentionSpec(n_heads=4, n_kv_heads=2)),
+    "granitemoehybrid-rope-theta": dict(pattern="*-M-M-", d_model=96, headdim=32, ngroups=1,
+                                        tie=False,
+                                        attention=AttentionSpec(n_heads=2, head_dim=32,
+                                                                rope_theta=500000.0)),
+    "granitemoehybrid-nope": dict(pattern="M-*-*-", d_model=64, headdim=16, ngroups=1,
+                                  tie=False, attention=AttentionSpec(n_heads=8, n_kv_heads=1,
+                                                                     rope=False)),
 }
 FLAVOURS = {name: name.split("-")[0] for name in FAMILIES}
 
@@ -80,7 +90,9 @@ def test_export_loads_with_strict_keys(exported, name):
     model, _, theirs, info = exported[name]
     assert {k: v for k, v in info.items() if v} == {}
     assert type(theirs).__name__ == {"nemotron_h": "NemotronHForCausalLM",
-                                     "bamba": "BambaForCausalLM"}[FLAVOURS[name]]
+                                     "bamba": "BambaForCausalLM",
+                                     "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                                     }[FLAVOURS[name]]
     ours = sum(p.numel() for p in model.parameters())
     # transformers' NemotronH never ties its head: a tied model gains the head's copy.
     untied_copy = (FLAVOURS[name] == "nemotron_h" and model.config.tie_embeddings)
