@@ -4,14 +4,16 @@
 - ``mamba_ssm``: ``MambaLMHeadModel``'s config.json + weights in its names (see ``mamba_ssm.py``
   for what it cannot represent).
 - ``megatron``: Megatron-LM's hybrid override pattern and arguments (see ``megatron.py``).
-- ``hf``: a transformers NemotronH or Bamba config.json (see ``hf.py``).
+- ``hf``: a transformers NemotronH, Bamba or GraniteMoeHybrid model folder (see ``hf.py``).
 
-Every export folder also holds arch.yaml, a model card (README.md) and export.json (manifest with
-sha256 of each file). A format that cannot represent an architecture refuses with the layer, field
+Every export folder also holds arch.yaml, a model card (README.md), export.json (manifest with
+sha256 of each file) and, when the model was trained on text, its tokenizer
+(``tokenizer_files.py``). A format that cannot represent an architecture refuses with the layer, field
 and reason, or with ``lossy`` writes its closest config, no weights, and LOSSY.md.
 
 Exporting from a study database is ``hybridlab.export.study.export_study`` (imported on demand:
-it needs Optuna, which the ``hybridlab`` command should not load before it is asked to).
+it needs Optuna, which the ``hybridlab`` command should not load before it is asked to); from a
+``hybridlab train`` folder, ``hybridlab.export.trained.export_checkpoint``.
 """
 
 from hybridlab.export.card import Provenance

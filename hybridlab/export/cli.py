@@ -28,7 +28,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="hybridlab: arch.yaml + weights + model card; mamba_ssm: "
                              "MambaLMHeadModel config + weights; megatron: hybrid pattern and "
-                             "arguments; hf: NemotronH or Bamba config.json")
+                             "arguments; hf: a transformers NemotronH, Bamba or "
+                             "GraniteMoeHybrid folder with weights and tokenizer")
     parser.add_argument("--out", required=True, help="new folder to write (must not exist)")
     parser.add_argument("--lossy", action="store_true",
                         help="when the format cannot represent the architecture, write its "
