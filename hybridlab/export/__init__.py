@@ -8,8 +8,8 @@
 
 Every export folder also holds arch.yaml, a model card (README.md), export.json (manifest with
 sha256 of each file) and, when the model was trained on text, its tokenizer
-(``tokenizer_files.py``). A format that cannot represent an architecture refuses with the layer, field
-and reason, or with ``lossy`` writes its closest config, no weights, and LOSSY.md.
+(``tokenizer_files.py``). A format that cannot represent an architecture refuses with the layer,
+field and reason, or with ``lossy`` writes its closest config, no weights, and LOSSY.md.
 
 Exporting from a study database is ``hybridlab.export.study.export_study`` (imported on demand:
 it needs Optuna, which the ``hybridlab`` command should not load before it is asked to); from a
