@@ -18,7 +18,8 @@ which changes no output and no gradient. The vocabulary is exported unpadded
 (``MambaConfig``'s default): the unfused ``Block`` path of some mamba_ssm versions gives the MLP the
 mixer's output instead of ``norm2(residual)``.
 
-Conventions checked against the source but not run here (mamba_ssm needs CUDA): ``MHA.in_proj``
+Conventions, checked against the source and run (``tests/export/test_mamba_ssm_runs.py`` loads
+exports in mamba_ssm 2.3.2's own model on CPU through its torch references): ``MHA.in_proj``
 packs ``[q, k, v]`` as ours does; its RoPE is flash_attn's ``RotaryEmbedding`` with
 ``interleaved=False`` (rotate-half, GPT-NeoX) over ``rotary_emb_dim = head_dim`` with
 ``inv_freq = base^(-2i/dim)``, as ours; its softmax scale is SDPA's default ``1/sqrt(head_dim)``.

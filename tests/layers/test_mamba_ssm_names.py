@@ -1,6 +1,7 @@
 """Parameter names and shapes against mamba_ssm's modules, written down from its source.
 
-mamba_ssm is a CUDA package and cannot be imported here, so the expected tables are transcribed
+The tables stand without mamba_ssm installed (it is a CUDA package; tests/export/
+test_mamba_ssm_runs.py runs it on CPU where .ci/mamba-ssm-cpu.sh installed it). They are transcribed
 from mamba_ssm/modules/mamba_simple.py (Mamba), mamba2.py (Mamba2), mha.py (MHA with
 qkv_proj_bias=False, out_proj_bias=False) and mlp.py (GatedMLP, bias=False) for the settings named
 in each case.
