@@ -1,26 +1,35 @@
-"""Megatron-LM's hybrid (Mamba) model: the override pattern and matching command-line arguments.
+"""Megatron-LM's hybrid model: the layer pattern and matching command-line arguments.
 
-Megatron builds a hybrid from ``--hybrid-override-pattern`` ("M" Mamba-2, "*" attention, "-" MLP,
+Megatron builds a hybrid from ``--hybrid-layer-pattern`` ("M" Mamba-2, "*" attention, "-" MLP,
 each with its own pre-norm, as hybridlab does) and one global setting per layer kind. So a stack
 exports faithfully when
 
 - it has no Mamba-1 layer (Megatron's ``MambaMixer`` is Mamba-2 only);
 - all Mamba-2 layers share one setting with ``d_conv`` 4 (the stack spec builds ``MambaMixer``
   with its default ``d_conv=4``; the inner width goes through ``--mamba-num-heads``);
-- all attention layers share one setting (heads, KV groups, head dim, RoPE on or off and its base)
-  without a sliding window;
+- ``norm_eps`` is 1e-5 when there is a Mamba layer: ``MambaMixer`` builds its gated RMSNorm with
+  ``eps=1e-5`` whatever ``--norm-epsilon`` says (that flag sets the pre-norms and the final norm);
+- all attention layers share one setting (heads, KV groups, head dim, RoPE on or off) without a
+  sliding window, and an integer RoPE base (``--rotary-base`` is ``type=int``);
 - all MLPs share one width (``--ffn-hidden-size``; ``--swiglu`` is hybridlab's gated MLP).
 
-Only arguments are written: Megatron checkpoints are sharded ``torch_dist`` folders made by its own
-tools, and its tensor layouts differ from hybridlab's (SwiGLU ``fc1`` is [gate, value] there,
-[value, gate] here; the fused QKV weight is grouped per KV head there, [q, k, v] here).
+The flags, their types and spellings are those of megatron-core 0.19.2's
+``megatron/training/arguments.py`` (tests/export/megatron_arguments.json is the table the tests
+parse every export with). Older checkouts spell some differently; ``megatron_args.sh`` says which.
+
+Only arguments are written here. Trained weights reach Megatron through the Hugging Face export:
+Megatron-Bridge's NemotronH bridge converts a NemotronH folder into a Megatron checkpoint
+(:func:`usage` gives the steps). A direct writer is not possible on CPU: ``MambaMixer`` allocates
+its parameters on ``torch.cuda.current_device()`` and needs mamba_ssm, so the model whose
+sharded state dict Megatron's ``dist_checkpointing`` saves cannot be built without a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ from hybridlab.config import ArchConfig, AttentionSpec, LayerSpec, Mamba2Spec, M
 from hybridlab.export.common import (
     SSM_TYPES,
     Change,
+    ExportError,
     Fit,
     unify,
     unify_attention,
@@ -37,7 +47,16 @@ from hybridlab.export.common import (
 ARGS_JSON = "megatron_args.json"
 ARGS_SH = "megatron_args.sh"
 MAMBA_D_CONV = 4
-STACK_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+MAMBA_NORM_EPS = 1e-5
+PATTERN_FLAG = "--hybrid-layer-pattern"
+STACK_SPEC = ["megatron.core.models.hybrid.hybrid_layer_specs", "hybrid_stack_spec"]
+# Megatron-Core older than 0.18 has no models/hybrid package; older than 0.17, no
+# --hybrid-layer-pattern (checked in the 0.16.1, 0.17.0 and 0.18.0 wheels).
+LEGACY_STACK_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+LEGACY_PATTERN_FLAG = "--hybrid-override-pattern"
+# Megatron-Bridge pads the vocabulary to the largest power of two up to 128 that divides it
+# (MegatronModelBridge.make_vocab_size_divisible_by), i.e. not at all.
+MAX_VOCAB_DIVISOR = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +64,22 @@ class MegatronFit(Fit):
     """The closest Megatron hybrid, as a hybridlab config of M / * / - layers."""
 
     target: ArchConfig
+
+
+def _integer_rope_bases(arch: ArchConfig, indices: list[int]) -> tuple[ArchConfig, list[Change]]:
+    """``arch`` with every RoPE base rounded to an integer, and one Change per rounded layer."""
+    layers = list(arch.layers)
+    changes = []
+    for i in indices:
+        spec = layers[i]
+        assert isinstance(spec, AttentionSpec)
+        if spec.rope and not float(spec.rope_theta).is_integer():
+            rounded = float(round(spec.rope_theta))
+            changes.append(Change(where=f"layers[{i}].rope_theta", was=str(spec.rope_theta),
+                                  now=str(int(rounded)),
+                                  reason="Megatron's --rotary-base is an integer (type=int)"))
+            layers[i] = replace(spec, rope_theta=rounded)
+    return replace(arch, layers=tuple(layers)), changes
 
 
 def fit(arch: ArchConfig) -> MegatronFit:
@@ -65,18 +100,24 @@ def fit(arch: ArchConfig) -> MegatronFit:
     if mamba is not None and mamba.d_conv != MAMBA_D_CONV:
         changes += [
             Change(where=f"layers[{i}].d_conv", was=str(mamba.d_conv), now=str(MAMBA_D_CONV),
-                   reason="Megatron's mamba_stack_spec builds MambaMixer with d_conv=4 and has "
+                   reason="Megatron's hybrid_stack_spec builds MambaMixer with d_conv=4 and has "
                           "no argument for it")
             for i in by_type["ssm"]
         ]
-        mamba = Mamba2Spec(d_state=mamba.d_state, headdim=mamba.headdim, expand=mamba.expand,
-                           ngroups=mamba.ngroups, d_conv=MAMBA_D_CONV,
-                           chunk_size=mamba.chunk_size)
+        mamba = replace(mamba, d_conv=MAMBA_D_CONV)
+    if mamba is not None and arch.norm_eps != MAMBA_NORM_EPS:
+        changes.append(Change(
+            where="norm_eps", was=str(arch.norm_eps),
+            now=f"{MAMBA_NORM_EPS} in the gated norms of layers {by_type['ssm']}",
+            reason="Megatron's MambaMixer fixes its gated RMSNorm's eps at 1e-5; "
+                   "--norm-epsilon sets only the pre-norms and the final norm"))
 
+    rounded, rope_changes = _integer_rope_bases(arch, by_type.get("attention", []))
+    changes += rope_changes
     attention, attn_changes = unify_attention(
-        arch, by_type.get("attention", []),
+        rounded, by_type.get("attention", []),
         reason="--num-attention-heads/--num-query-groups/--kv-channels/"
-               "--position-embedding-type set every attention layer",
+               "--position-embedding-type/--rotary-base set every attention layer",
         window_reason="hybridlab maps no sliding window onto Megatron's hybrid stack, whose "
                       "attention layers are full causal")
     changes += attn_changes
@@ -100,7 +141,7 @@ def arguments(target: ArchConfig, *, seq_length: int) -> dict[str, Any]:
     d = target.d_model
     args: dict[str, Any] = {
         "--num-layers": target.n_layers,
-        "--hybrid-override-pattern": target.pattern,
+        PATTERN_FLAG: target.pattern,
         "--spec": STACK_SPEC,
         "--hidden-size": d,
         "--normalization": "RMSNorm",
@@ -111,6 +152,9 @@ def arguments(target: ArchConfig, *, seq_length: int) -> dict[str, Any]:
         "--seq-length": seq_length,
         "--max-position-embeddings": seq_length,
         "--vocab-size": target.vocab_size,
+        # Padded rows would add logits, and a checkpoint converted by Megatron-Bridge holds the
+        # vocabulary unpadded: loading it needs the same padded size.
+        "--make-vocab-size-divisible-by": math.gcd(target.vocab_size, MAX_VOCAB_DIVISOR),
     }
     if not target.tie_embeddings:
         args["--untie-embeddings-and-output-weights"] = True
@@ -129,8 +173,13 @@ def arguments(target: ArchConfig, *, seq_length: int) -> dict[str, Any]:
             args |= {"--group-query-attention": True,
                      "--num-query-groups": attention.kv_heads()}
         if attention.rope:
-            args |= {"--position-embedding-type": "rope", "--rotary-base": attention.rope_theta,
-                     "--rotary-percent": 1.0}
+            if not float(attention.rope_theta).is_integer():
+                index = target.layers.index(attention)
+                raise ExportError(f"megatron: layers[{index}].rope_theta = "
+                                  f"{attention.rope_theta} is not an integer; export the "
+                                  "target of megatron.fit(), which rounds it")
+            args |= {"--position-embedding-type": "rope",
+                     "--rotary-base": int(attention.rope_theta), "--rotary-percent": 1.0}
         else:
             args["--position-embedding-type"] = "none"
     mlp = next((s for s in target.layers if isinstance(s, MLPSpec)), None)
@@ -153,15 +202,18 @@ def argv(args: dict[str, Any]) -> list[str]:
 
 def write(folder: Path, fitted: MegatronFit, *, seq_length: int) -> list[str]:
     """Write ``megatron_args.json`` and ``megatron_args.sh`` (a bash array to splice into a
-    ``pretrain_mamba.py`` command line)."""
+    ``pretrain_hybrid.py`` command line)."""
     args = arguments(fitted.target, seq_length=seq_length)
     tokens = argv(args)
+    # The key keeps the name NemotronH's config.json (and Megatron-Bridge) give the pattern.
     payload = {"hybrid_override_pattern": fitted.target.pattern, "arguments": args,
                "argv": tokens}
     (folder / ARGS_JSON).write_text(json.dumps(payload, indent=2) + "\n")
-    lines = ["# Model arguments for Megatron-LM's hybrid model (pretrain_mamba.py), from a",
-             "# hybridlab export; newer Megatron spells --hybrid-override-pattern as",
-             "# --hybrid-layer-pattern. Add data, tokenizer, parallelism and optimizer flags.",
+    lines = ["# Model arguments for Megatron-LM's hybrid model (pretrain_hybrid.py), from a",
+             "# hybridlab export, in megatron-core 0.19's spellings. Before megatron-core 0.18",
+             f"# write --spec {' '.join(LEGACY_STACK_SPEC)} (pretrain_mamba.py);",
+             f"# before 0.17 also {LEGACY_PATTERN_FLAG} for {PATTERN_FLAG}.",
+             "# Add data, tokenizer, parallelism and optimizer flags.",
              f"# pattern: {fitted.target.pattern}", "MODEL_ARGS=("]
     pending = list(tokens)
     while pending:
@@ -173,3 +225,27 @@ def write(folder: Path, fitted: MegatronFit, *, seq_length: int) -> list[str]:
     lines.append(")")
     (folder / ARGS_SH).write_text("\n".join(lines) + "\n")
     return [ARGS_JSON, ARGS_SH]
+
+
+def usage(*, weights_route: bool) -> str:
+    """The model card's usage block. ``weights_route``: the architecture also exports faithfully
+    as a Hugging Face NemotronH folder with weights, so the trained weights reach Megatron through
+    Megatron-Bridge."""
+    train = ("```bash\nsource megatron_args.sh\ntorchrun ... pretrain_hybrid.py "
+             "\"${MODEL_ARGS[@]}\" <tokenizer, data, parallelism, optimizer flags>\n```\n"
+             "`--vocab-size` is the trained vocabulary; with a real tokenizer Megatron takes "
+             "the vocabulary from it. `--seq-length` is the trained length. "
+             "`megatron_args.sh` names the spellings of Megatron-Core older than 0.18.")
+    if not weights_route:
+        return train
+    return train + (
+        "\n\nTo continue from the trained weights, write them as a Hugging Face NemotronH "
+        "folder and convert that with Megatron-Bridge (on a GPU machine with megatron-bridge, "
+        "transformer-engine and mamba-ssm installed):\n\n"
+        "```python\nfrom hybridlab.export import export_model, load_hybridlab\n\n"
+        "export_model(load_hybridlab(\"<this folder>\"), \"hf\", \"<hf folder>\")\n```\n\n"
+        "```python\n# convert.py, run as: torchrun --nproc-per-node 1 convert.py\n"
+        "from megatron.bridge import AutoBridge\n\n"
+        "AutoBridge.import_ckpt(\"<hf folder>\", \"<megatron checkpoint folder>\")\n```\n\n"
+        "then add `--load <megatron checkpoint folder> --finetune` to the `pretrain_hybrid.py` "
+        "command above (`--finetune`: the converted checkpoint has no optimizer state).")

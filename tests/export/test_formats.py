@@ -240,12 +240,6 @@ REFUSALS = [
      ["layers[1].sliding_window = 8", "no sliding window"]),
     ("mamba_ssm", ArchConfig(d_model=64, vocab_size=64, norm_eps=1e-6,
                              layers=(Mamba2Spec(d_state=16, headdim=16),)), ["norm_eps = 1e-06"]),
-    ("megatron", arch("m*-"), ["layers[0] = mamba1", "Megatron has no Mamba-1 layer"]),
-    ("megatron", arch("M*", mamba2=Mamba2Spec(d_state=16, headdim=16, d_conv=3)),
-     ["layers[0].d_conv = 3", "d_conv=4"]),
-    ("megatron", ArchConfig(d_model=64, vocab_size=64, layers=(
-        AttentionSpec(n_heads=4), AttentionSpec(n_heads=2))),
-     ["layers[1].n_heads = 2", "every attention layer"]),
     ("hf", arch("mM*"), ["as nemotron_h:", "as bamba:", "NemotronH has no Mamba-1 layer",
                          "partial_rotary_factor 0.5"]),
 ]
@@ -299,40 +293,6 @@ def test_lossy_mamba_ssm_lists_every_change_and_writes_no_weights(tmp_path):
     assert ArchConfig.load(out / "arch.yaml") == config  # the trained architecture, unchanged
     with pytest.raises(ExportError, match=r"no model\.safetensors"):
         load_mamba_ssm(out)
-
-
-def test_lossy_megatron_converts_mamba1_and_writes_its_closest_arguments(tmp_path):
-    result = export_model(HybridLM(arch("mM*-")), "megatron", tmp_path / "out", lossy=True)
-    assert [c.where for c in result.changes] == ["layers[0]"]
-    args = json.loads((tmp_path / "out" / "megatron_args.json").read_text())
-    assert args["hybrid_override_pattern"] == "MM*-"
-    assert not (tmp_path / "out" / "hybridlab_weights.safetensors").exists()
-
-
-def test_megatron_arguments_match_the_architecture(trained, tmp_path, logits):
-    model, _, _ = trained
-    result = export_model(model, "megatron", tmp_path / "out")
-    assert result.faithful
-    args = json.loads((tmp_path / "out" / "megatron_args.json").read_text())
-    assert args["hybrid_override_pattern"] == "M-M-*-"
-    assert args["arguments"] == {
-        "--num-layers": 6, "--hybrid-override-pattern": "M-M-*-",
-        "--spec": ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
-        "--hidden-size": 64, "--normalization": "RMSNorm", "--norm-epsilon": 1e-5,
-        "--disable-bias-linear": True, "--hidden-dropout": 0.0, "--attention-dropout": 0.0,
-        "--seq-length": 2048, "--max-position-embeddings": 2048, "--vocab-size": 64,
-        "--mamba-state-dim": 16, "--mamba-head-dim": 16, "--mamba-num-groups": 1,
-        "--mamba-num-heads": 8, "--num-attention-heads": 4, "--kv-channels": 16,
-        "--group-query-attention": True, "--num-query-groups": 2,
-        "--position-embedding-type": "rope", "--rotary-base": 10000.0, "--rotary-percent": 1.0,
-        "--ffn-hidden-size": 128, "--swiglu": True,
-    }
-    script = (tmp_path / "out" / "megatron_args.sh").read_text()
-    assert "    --hybrid-override-pattern M-M-*-\n" not in script  # the * is quoted for bash
-    assert "    --hybrid-override-pattern 'M-M-*-'\n" in script
-    assert any("no trained sequence length" in note for note in result.notes)
-    # Megatron gets arguments only; the trained weights ride along in hybridlab's names.
-    assert torch.equal(logits(load_hybridlab(tmp_path / "out")), logits(model))
 
 
 def test_converter_refuses_mamba_ssm_options_hybridlab_cannot_build():
