@@ -22,13 +22,15 @@ from hybridlab.config import (
     load_yaml_file,
     load_yaml_with_lines,
 )
-from hybridlab.cost import cost_report, measure_tokens_per_second
+from hybridlab.cost import cost_report, measure_tokens_per_second, param_count
 from hybridlab.errors import HybridlabError
 from hybridlab.evaluation.run import add_eval_arguments, eval_command
 from hybridlab.export import add_export_arguments, export_command
+from hybridlab.export.importing import FORMATS as IMPORT_FORMATS
 from hybridlab.files import write_text_atomic
 from hybridlab.model import HybridLM
 from hybridlab.presets import PRESETS, preset
+from hybridlab.published import names as published_names
 from hybridlab.scale import STRATEGIES
 from hybridlab.train import TrainConfig, settings_key, train
 from hybridlab.units import format_bytes
@@ -255,6 +257,43 @@ def _scale_source(args: argparse.Namespace) -> tuple[ArchConfig, str]:
     return chosen.trials[0].arch, f"{chosen.description} of study {chosen.study!r}"
 
 
+def import_command(args: argparse.Namespace) -> int:
+    """Read a published hybrid's config (transformers NemotronH / Bamba / GraniteMoeHybrid /
+    Jamba, mamba_ssm, Megatron arguments, an export folder or a shipped layout) into an
+    architecture file; what hybridlab cannot build is refused with the field and reason."""
+    from hybridlab.export.importing import import_config
+    from hybridlab.scale import ScaleError, parse_target, scale
+
+    if args.scale_to is None:
+        for flag, given in (("--strategy", args.strategy), ("--scale-d-state",
+                                                           args.scale_d_state)):
+            if given:
+                raise ConfigError(flag, "applies only with --scale-to")
+    imported = import_config(args.source, fmt=args.format, lossy=args.lossy)
+    arch = imported.arch
+    state = ("faithful" if imported.faithful
+             else f"LOSSY, {len(imported.changes)} changes")
+    print(f"imported {imported.source} ({imported.format}, {state}): pattern {arch.pattern}, "
+          f"d_model {arch.d_model}, {param_count(arch):,} params")
+    for change in imported.changes:
+        print(f"  changed {change.describe()}")
+    for note in imported.notes:
+        print("  note: " + note.replace("\n", "\n        "))
+    if args.scale_to is not None:
+        try:
+            scaled = scale(arch, parse_target(args.scale_to, field="--scale-to"),
+                           strategy=args.strategy or "both", scale_d_state=args.scale_d_state)
+        except ScaleError as err:
+            flag = err.field if err.field.startswith("--") else "--scale-to"
+            raise ScaleError(flag, err.message) from None
+        print(scaled.report())
+        arch = scaled.config
+    out = Path(args.out)
+    write_text_atomic(out, arch.to_json() if out.suffix == ".json" else arch.to_yaml())
+    print(f"wrote {out}")
+    return 0
+
+
 def promote_command(args: argparse.Namespace) -> int:
     """Extrapolate a finished study's best trials (and a transformer and a pure-SSM baseline) to
     each rung of its space's promotion section, retrain them and record them; rerun to resume."""
@@ -293,6 +332,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": search_command,
     "status": status_command,
     "export": export_command,
+    "import": import_command,
     "dashboard": dashboard_command,
     "eval": eval_command,
     "scale": scale_command,
@@ -368,6 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     add_export_arguments(e)
+
+    im = sub.add_parser("import", help=import_command.__doc__,
+                        description=import_command.__doc__)
+    im.add_argument("source", metavar="SOURCE",
+                    help="a config.json, megatron_args.json or Megatron argument file, an export "
+                         "or model folder, or a shipped layout: "
+                         + ", ".join(published_names()))
+    im.add_argument("--out", required=True, help="architecture file to write (YAML, or JSON "
+                    "for .json)")
+    im.add_argument("--format", choices=(*IMPORT_FORMATS, "hf"),
+                    help="the source's format (default: read from the file); hf: any "
+                         "transformers family, told by model_type")
+    im.add_argument("--lossy", action="store_true",
+                    help="when hybridlab cannot build the source as it is, import the closest "
+                         "architecture and list every change")
+    im.add_argument("--scale-to", metavar="TARGET",
+                    help="extrapolate the import to TARGET parameters (1.3B, 4x; see "
+                         "hybridlab.scale)")
+    im.add_argument("--strategy", choices=STRATEGIES,
+                    help="with --scale-to: stack, stretch or both (default)")
+    im.add_argument("--scale-d-state", action="store_true",
+                    help="with --scale-to: grow the SSM state size with d_model")
 
     d = sub.add_parser("dashboard", help=dashboard_command.__doc__,
                        description=dashboard_command.__doc__)

@@ -233,12 +233,14 @@ def _moe_width(r: _Reader, where: str, *, experts: int, top_k: int, width: int,
     return dense
 
 
-def _attention_spec(r: _Reader, d_model: int, *, heads_key: str, kv_key: str,
-                    rope: bool, theta: float = AttentionSpec.rope_theta,
+def _attention_spec(r: _Reader, d_model: int, *, kv_default: int | None, rope: bool,
+                    theta: float = AttentionSpec.rope_theta,
                     head_dim: int | None = None) -> AttentionSpec:
-    heads = r.integer(heads_key)
-    kv = r.get(kv_key)
-    kv = heads if kv is None else r.integer(kv_key)
+    """Attention from transformers' field names; every family here defaults to 32 query heads
+    and ``kv_default`` KV heads (None: as many as the query heads)."""
+    heads = r.integer("num_attention_heads", 32)
+    kv = r.get("num_key_value_heads", kv_default)
+    kv = heads if kv is None else r.integer("num_key_value_heads", kv_default)
     if head_dim is None:
         head_dim = r.integer("head_dim", d_model // heads)
     return AttentionSpec(n_heads=heads, n_kv_heads=kv, head_dim=head_dim, rope=rope,
@@ -292,8 +294,7 @@ def _nemotron_h(r: _Reader) -> ArchConfig:
             head_dim = r.integer("attention_head_dim")
         else:
             head_dim = r.integer("head_dim", 128)
-        attention = _attention_spec(r, d, heads_key="num_attention_heads",
-                                    kv_key="num_key_value_heads", rope=False, head_dim=head_dim)
+        attention = _attention_spec(r, d, kv_default=8, rope=False, head_dim=head_dim)
         if r.get("sliding_window") is not None:
             r.notes.append("sliding_window is set but transformers' NemotronH attention ignores "
                            "it (full causal); imported as full causal")
@@ -393,8 +394,7 @@ def _bamba(r: _Reader) -> ArchConfig:
     attention = None
     if attn:
         theta = _rope_theta(r)
-        attention = _attention_spec(r, d, heads_key="num_attention_heads",
-                                    kv_key="num_key_value_heads", rope=True, theta=theta)
+        attention = _attention_spec(r, d, kv_default=8, rope=True, theta=theta)
         r.change("rope_parameters.partial_rotary_factor", 0.5, "1.0 (RoPE over all of head_dim)",
                  "BambaConfig hard-codes RoPE on half of each head; hybridlab rotates the "
                  "whole head")
@@ -434,8 +434,7 @@ def _granite(r: _Reader) -> ArchConfig:
         if position not in (None, "rope"):
             raise r.error("position_embedding_type", f"must be null or 'rope', got {position!r}")
         theta = _rope_theta(r)
-        attention = _attention_spec(r, d, heads_key="num_attention_heads",
-                                    kv_key="num_key_value_heads", rope=position == "rope",
+        attention = _attention_spec(r, d, kv_default=None, rope=position == "rope",
                                     theta=theta)
         scale = attention.resolved_head_dim(d) ** -0.5
         multiplier = r.number("attention_multiplier", 1.0)
@@ -490,8 +489,7 @@ def _jamba(r: _Reader) -> ArchConfig:
                  "Jamba's Mamba layers normalise the dt, B and C projections; hybridlab's "
                  "Mamba-1 does not")
     if any(attention_at):
-        attention = _attention_spec(r, d, heads_key="num_attention_heads",
-                                    kv_key="num_key_value_heads", rope=False)
+        attention = _attention_spec(r, d, kv_default=8, rope=False)
     width = r.integer("intermediate_size", 14336)
     dense = _mlp_spec_of_width(width, d)
     moe_at = [experts > 1 and i % e_period == e_offset for i in range(n)]
@@ -748,7 +746,7 @@ def _megatron(r: _Reader) -> ArchConfig:
         if r.get("--quick-geglu"):
             r.change("--quick-geglu", True, "SwiGLU", "hybridlab's gated MLP uses silu")
         elif not swiglu:
-            width = _ungated(r, "--swiglu", f"absent ({act})", width)
+            width = _ungated(r, "--swiglu", act, width)
         layers["-"] = _mlp_spec_of_width(width, d)
         if "E" in main:
             expert = r.integer("--moe-ffn-hidden-size", r.integer("--ffn-hidden-size", default))
