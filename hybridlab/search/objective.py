@@ -1,4 +1,5 @@
-"""One trial: sample -> price -> (reject | reuse | train) -> objectives, all recorded.
+"""One trial: sample (or take a queued seed's architecture) -> price -> (reject | reuse | train)
+-> objectives, all recorded.
 
 A candidate that breaks a rule or budget is recorded as rejected and ends PRUNED without training;
 one whose genome was already trained in this study reuses the stored objectives (and says so); the
@@ -56,6 +57,12 @@ from hybridlab.store import (
 from hybridlab.train import TrainConfig, TrainResult, settings_key, train
 
 SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
+# User attributes of an enqueued seed trial (``hybridlab.search.seeds``): the seed's name, the
+# architecture to train instead of a sampled one, where it came from and how it was sized.
+SEED_ATTR = "seed"
+SEED_ARCH_ATTR = "seed_arch"
+SEED_SOURCE_ATTR = "seed_source"
+SEED_RULE_ATTR = "seed_rule"
 
 
 def make_tasks(spec: str, *, seed: int, options: dict[str, Any]) -> list[TaskData]:
@@ -105,8 +112,10 @@ class Objective:
             raise
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
+        seeded = trial.user_attrs.get(SEED_ARCH_ATTR)
         try:
-            arch = sample_architecture(trial, self.space, self.vocab_size)
+            arch = (ArchConfig.from_dict(seeded) if seeded is not None
+                    else sample_architecture(trial, self.space, self.vocab_size))
         except Rejected as rejected:
             raise self._reject(trial, str(rejected)) from None
         costs = candidate_costs(arch, self.space)

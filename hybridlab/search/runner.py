@@ -2,7 +2,8 @@
 
 The driver checks everything it can refuse (options, space, storage, folders, a changed space)
 before Ray starts, creates hybridlab's tables and the Optuna study under a creation lock, records
-its run (``hl_run``), then starts N Ray workers. Each worker loads the study by name and URL and
+its run (``hl_run``), queues the space's seed architectures once (``enqueue_seeds``: the first
+trials of a fresh study), then starts N Ray workers. Each worker loads the study by name and URL and
 runs one trial at a time, each on a claimed slot of the trial cap (see ``store.Slot``), with
 Optuna heartbeats: a dead worker's trial goes stale, is failed and re-queued with the same
 parameters by Optuna's ``RetryHeartbeatStaleTrialCallback``, and the retry resumes from the
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -43,7 +44,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hybridlab.config import ConfigError
 from hybridlab.errors import HybridlabError
-from hybridlab.search.objective import Objective, make_tasks
+from hybridlab.search.objective import (
+    SEED_ARCH_ATTR,
+    SEED_ATTR,
+    SEED_RULE_ATTR,
+    SEED_SOURCE_ATTR,
+    Objective,
+    make_tasks,
+)
+from hybridlab.search.seeds import ProxySeed, proxy_seeds
 from hybridlab.search.space import (
     SearchSpace,
     load_space,
@@ -91,6 +100,8 @@ RUN_KEYS = ("trials", "workers", "resources", "promotion")
 INTERRUPTED = "interrupted"
 # Trial user attribute naming the Ray node whose worker ran the trial.
 NODE_ATTR = "ray_node"
+# Study user attribute listing the seeds already queued (``enqueue_seeds``).
+SEEDS_ATTR = "seeds_queued"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,8 +180,10 @@ def make_optuna_storage(opts: RunOptions) -> RetryingRDBStorage:
     )
 
 
-def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optuna.Study:
-    """Create (or load) the study and every table; run once, in the driver, before workers.
+def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions, *,
+                  seeds: Sequence[ProxySeed] = ()) -> optuna.Study:
+    """Create (or load) the study and every table, and enqueue the ``seeds`` it does not have
+    yet as its next trials; run once, in the driver, before workers.
 
     Safe when several drivers start on one fresh database at the same moment (creation lock).
     """
@@ -199,7 +212,23 @@ def prepare_study(space: SearchSpace, space_text: str, opts: RunOptions) -> optu
         study.set_metric_names([o.metric for o in space.objectives])
         study.set_user_attr("space", space_text)
         study.set_user_attr("objectives", [o.metric for o in space.objectives])
+        enqueue_seeds(study, seeds)
     return study
+
+
+def enqueue_seeds(study: optuna.Study, seeds: Sequence[ProxySeed]) -> None:
+    """Queue each seed the study has not queued before (by name, kept in the study's
+    ``SEEDS_ATTR``), so a resumed study never queues one twice; Optuna hands queued trials out
+    before it samples, so a fresh study trains its seeds first."""
+    queued = list(study.user_attrs.get(SEEDS_ATTR, []))
+    for seed in seeds:
+        if seed.name in queued:
+            continue
+        study.enqueue_trial({}, user_attrs={
+            SEED_ATTR: seed.name, SEED_ARCH_ATTR: seed.arch.to_dict(),
+            SEED_SOURCE_ATTR: seed.source, SEED_RULE_ATTR: seed.rule})
+        queued.append(seed.name)
+    study.set_user_attr(SEEDS_ATTR, queued)
 
 
 def space_diff(stored: str, new: str) -> str:
@@ -499,15 +528,18 @@ def run_search(
     checks = [lambda: check_storage(url), lambda: check_folder(opts.artifacts_dir, "--runs-dir")]
     for check in checks if storage_url else reversed(checks):
         check()
+    seeds = seed_trials(space)
+    for seed in seeds:
+        echo(f"seed {seed.name}: {seed.rule}")
     started = time.perf_counter()
     if not ray_address:
         # A local Ray cannot span nodes, so the study is created first and a refusal (a changed
         # space) costs no Ray start. A cluster is asked first whether SQLite can serve it.
-        optuna_study = prepare_study(space, space_text, opts)
+        optuna_study = prepare_study(space, space_text, opts, seeds=seeds)
     ray = _start_ray(ray_address, opts, space)
     try:
         if ray_address:
-            optuna_study = prepare_study(space, space_text, opts)
+            optuna_study = prepare_study(space, space_text, opts, seeds=seeds)
         opts = begin_run(opts)
         echo(f"study {name!r} in {display_url(url)}: {opts.trials} trials, {opts.workers} "
              f"workers, objectives {[f'{o.direction} {o.metric}' for o in space.objectives]}")
@@ -544,6 +576,15 @@ def run_search(
              f"{list(space.promotion.baselines)} at {len(space.promotion.rungs)} rung(s)")
         promote(name, url, space=space, runs_dir=runs, ray_address=ray_address, echo=echo)
     return summary
+
+
+def seed_trials(space: SearchSpace) -> list[ProxySeed]:
+    """The space's seeds at its proxy size, for the task's vocabulary (see
+    ``hybridlab.search.seeds``)."""
+    if not space.seeds:
+        return []
+    tasks = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))
+    return proxy_seeds(space, max(task.vocab_size for task in tasks))
 
 
 def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptions,

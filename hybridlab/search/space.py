@@ -1,7 +1,9 @@
 """Search spaces: a YAML file -> a validated ``SearchSpace`` -> Optuna suggestions -> ArchConfig.
 
 This module only samples: it never trains. Every error names the file, the field and the YAML line,
-and is raised before anything is created in a database.
+and is raised before anything is created in a database. ``seed_architectures:`` lists designs
+(shipped layouts, arch files, foreign configs) to enqueue as the first trials, at the proxy size
+``hybridlab.search.seeds`` makes; ``seed_params:`` sets their parameter goal.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hybridlab.config import (
     read_text_file,
 )
 from hybridlab.cost import param_count
+from hybridlab.errors import HybridlabError
 from hybridlab.metrics import DEFAULT_OBJECTIVE, METRICS, metric_names
 from hybridlab.train import TrainConfig
 
@@ -155,6 +158,18 @@ class PromotionStage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SeedSpec:
+    """One ``seed_architectures:`` entry: a design to enqueue, at its full size as imported
+    (``hybridlab.search.seeds`` makes its proxy)."""
+
+    name: str
+    source: str
+    arch: ArchConfig
+    # The entry's parameter goal; None: the space's seed_params or its typical candidate size.
+    params: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     name: str
     seed: int
@@ -174,6 +189,8 @@ class SearchSpace:
     resources: Resources = Resources()
     lm_eval: LMEvalStage | None = None
     promotion: PromotionStage | None = None
+    seeds: tuple[SeedSpec, ...] = ()
+    seed_params: int | None = None
     source: str | None = None
 
     @property
@@ -309,7 +326,8 @@ def _field_kinds(spec_cls: type) -> dict[str, type]:
 
 
 TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "sampler",
-            "pruner", "trials", "workers", "resources", "lm_eval", "promotion")
+            "pruner", "trials", "workers", "resources", "lm_eval", "promotion",
+            "seed_architectures", "seed_params")
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -389,7 +407,13 @@ def parse_space(
         trials=r.integer(top.get("trials", 8), "trials", minimum=1, maximum=MAX_TRIALS),
         workers=r.integer(top.get("workers", 1), "workers", minimum=1),
         resources=resources, lm_eval=_parse_lm_eval(r, top.get("lm_eval")), source=source,
+        seeds=_parse_seeds(r, top.get("seed_architectures")),
+        seed_params=None if top.get("seed_params") is None
+        else _params_goal(r, top["seed_params"], "seed_params"),
     )
+    if len(space.seeds) > space.trials:
+        raise r.error("seed_architectures", f"{len(space.seeds)} seeds but only {space.trials} "
+                      "trials: seeds are trials of the study")
     _check_feasible(r, space)
     if "promotion" in top:
         space = dataclasses.replace(space, promotion=_parse_promotion(r, top["promotion"], space))
@@ -398,7 +422,8 @@ def parse_space(
     except (TypeError, ValueError) as err:
         raise r.error("sampler.options", f"{sampler}: {err}") from None
     if check_task:
-        _check_task(r, task, dict(task_options), seed, objectives, train)
+        vocab_size = _check_task(r, task, dict(task_options), seed, objectives, train)
+        _check_seeds(r, space, vocab_size)
     return space
 
 
@@ -477,8 +502,9 @@ def describe_pruner(space: SearchSpace) -> str:
 
 
 def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
-                objectives: tuple[ObjectiveSpec, ...], train: TrainConfig) -> None:
-    """Build the task once so a bad name or knob fails here, not inside every worker."""
+                objectives: tuple[ObjectiveSpec, ...], train: TrainConfig) -> int:
+    """Build the task once so a bad name or knob fails here, not inside every worker; returns
+    the vocabulary the candidates get (the largest of a suite's tasks)."""
     from hybridlab.search.objective import make_tasks
 
     try:
@@ -499,6 +525,7 @@ def _check_task(r: _Reader, task: str, options: dict[str, Any], seed: int,
                           if m.kind == "task" and m.only_from is None]
             raise r.error(field_path, f"task {task!r} reports {' and '.join(everywhere)}, "
                           f"not {metric.name} (only {metric.only_from} do)")
+    return max(t.vocab_size for t in tasks)
 
 
 def _parse_model(r: _Reader, data: Any) -> ModelSpace:
@@ -649,6 +676,76 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
     return PatternRules(attention_count=count, attention_fraction=(low_frac, high_frac),
                         first_layer=first, last_layer=last, mlp_after_mixer=mlp_mode,
                         attention_every=every)
+
+
+def _params_goal(r: _Reader, value: Any, path: str) -> int:
+    """A parameter count (1M, 350k, 200000) for a seed's size."""
+    from hybridlab.scale import parse_target
+
+    try:
+        target = parse_target(value, field=path)
+    except ConfigError as err:
+        raise r.error(err.field, err.message) from None
+    if target.params is None:
+        raise r.error(path, f"must be a parameter count such as 300k, got {value!r}")
+    return target.params
+
+
+def _parse_seeds(r: _Reader, data: Any) -> tuple[SeedSpec, ...]:
+    """``seed_architectures:``: each entry a shipped layout's name or a path relative to the
+    space file (an arch file, config.json, Megatron arguments or export folder), or a mapping
+    {arch, name, params, lossy}."""
+    from hybridlab import published
+    from hybridlab.export.importing import import_config
+
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise r.error("seed_architectures", "must be a list of layout names, paths or "
+                      "{arch, name, params, lossy}")
+    here = Path(r.source).parent if r.source else Path()
+    seeds: list[SeedSpec] = []
+    for i, item in enumerate(data):
+        path = f"seed_architectures[{i}]"
+        entry = r.mapping({"arch": item} if isinstance(item, str) else item, path,
+                          ("arch", "name", "params", "lossy"))
+        source = entry.get("arch")
+        if not isinstance(source, str) or not source:
+            raise r.error(f"{path}.arch" if isinstance(item, Mapping) else path,
+                          "must be a shipped layout "
+                          f"({', '.join(published.names())}) or a path")
+        lossy = entry.get("lossy", False)
+        if not isinstance(lossy, bool):
+            raise r.error(f"{path}.lossy", f"must be true or false, got {lossy!r}")
+        located = (here / source).expanduser()
+        if not located.exists() and source not in published.names():
+            raise r.error(path, f"{source!r} is neither a shipped layout "
+                          f"({', '.join(published.names())}) nor a file ({located})")
+        try:
+            imported = import_config(located if located.exists() else source, lossy=lossy)
+        except HybridlabError as err:
+            raise r.error(path, str(err)) from None
+        name = entry.get("name", Path(source).stem if located.exists() else source)
+        if not isinstance(name, str) or not name:
+            raise r.error(f"{path}.name", f"must be a non-empty string, got {name!r}")
+        if any(s.name == name for s in seeds):
+            raise r.error(f"{path}.name", f"{name!r} names an earlier seed too; give each a "
+                          "name")
+        params = (None if entry.get("params") is None
+                  else _params_goal(r, entry["params"], f"{path}.params"))
+        seeds.append(SeedSpec(name=name, source=imported.source, arch=imported.arch,
+                              params=params))
+    return tuple(seeds)
+
+
+def _check_seeds(r: _Reader, space: SearchSpace, vocab_size: int) -> None:
+    """Make every seed's proxy once, so a seed no depth fits fails here, with its line."""
+    from hybridlab.search.seeds import proxy_seeds
+
+    try:
+        proxy_seeds(space, vocab_size)
+    except ConfigError as err:
+        raise r.error(err.field, err.message) from None
 
 
 def _parse_lm_eval(r: _Reader, data: Any) -> LMEvalStage | None:
