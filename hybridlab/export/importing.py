@@ -769,7 +769,7 @@ def _megatron(r: _Reader) -> ArchConfig:
                        f"x --tensor-model-parallel-size = {multiple}), as Megatron builds its "
                        "embedding; with NullTokenizer Megatron adds one EOD token before padding")
     tie = not r.get("--untie-embeddings-and-output-weights", False)
-    unread = sorted(set(r.data) - r.read - {"--num-layers"})
+    unread = sorted(set(r.data) - r.read)
     if unread:
         r.notes.append("not read (options that do not change the layers hybridlab builds, or "
                        f"that it does not know): {' '.join(unread)}")
