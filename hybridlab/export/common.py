@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -174,6 +175,15 @@ def pair_blocks(arch: ArchConfig) -> Pairing:
         else:
             stray.append(i)
     return Pairing(blocks=tuple(blocks), stray_mlps=tuple(stray))
+
+
+def mlp_spec_of_width(width: int, d_model: int) -> MLPSpec:
+    """An MLPSpec whose ``d_hidden(d_model)`` is exactly ``width``."""
+    multiplier = width / d_model
+    # width / d * d can round to just above width, and ceil() would then add one.
+    while math.ceil(multiplier * d_model) > width:
+        multiplier = math.nextafter(multiplier, 0.0)
+    return MLPSpec(multiplier=multiplier, multiple_of=1)
 
 
 def mamba2_from_mamba1(spec: Mamba1Spec, d_model: int) -> Mamba2Spec:

@@ -52,8 +52,8 @@ from hybridlab.config import (
     load_yaml_with_lines,
     read_text_file,
 )
-from hybridlab.export.common import MANIFEST_FILE, Change, ExportError
-from hybridlab.export.mamba_ssm import _mlp_spec_of_width, from_mamba_ssm, padded_width
+from hybridlab.export.common import MANIFEST_FILE, Change, ExportError, mlp_spec_of_width
+from hybridlab.export.mamba_ssm import from_mamba_ssm, padded_width
 
 FORMATS = ("hybridlab", "mamba_ssm", "megatron", "nemotron_h", "bamba", "granitemoehybrid",
            "jamba")
@@ -324,7 +324,7 @@ def _nemotron_h(r: _Reader) -> ArchConfig:
             layers.append(attention)
         else:
             width = mlp_width if kind == "mlp" else moe_width
-            layers.append(_mlp_spec_of_width(width, d))
+            layers.append(mlp_spec_of_width(width, d))
     mtp = r.integer("num_nextn_predict_layers", 0)
     if mtp:
         r.change("num_nextn_predict_layers", mtp, "0",
@@ -403,7 +403,7 @@ def _bamba(r: _Reader) -> ArchConfig:
     r.expect("mlp_bias", False, r.flag("mlp_bias", False), "False", "hybridlab's MLP has no bias")
     if mamba is None:
         _silu(r, "hidden_act")
-    mlp = _mlp_spec_of_width(r.integer("intermediate_size", 14336), d)
+    mlp = mlp_spec_of_width(r.integer("intermediate_size", 14336), d)
     if r.get("pad_token_id", 0) is not None:
         r.notes.append(f"pad_token_id {r.get('pad_token_id', 0)}: Bamba's embedding never "
                        "trains that row (nn.Embedding padding_idx); hybridlab's does")
@@ -456,7 +456,7 @@ def _granite(r: _Reader) -> ArchConfig:
         width = _moe_width(r, "num_local_experts", experts=experts,
                            top_k=r.integer("num_experts_per_tok", 2),
                            width=r.integer("intermediate_size", 11008), shared=width)
-    mlp = _mlp_spec_of_width(width, d)
+    mlp = mlp_spec_of_width(width, d)
     mixers = [attention if k == "attention" else mamba for k in kinds]
     eps = r.number("rms_norm_eps", 1e-6)
     return _build(r, "layer_types", lambda: ArchConfig(
@@ -491,11 +491,11 @@ def _jamba(r: _Reader) -> ArchConfig:
     if any(attention_at):
         attention = _attention_spec(r, d, kv_default=8, rope=False)
     width = r.integer("intermediate_size", 14336)
-    dense = _mlp_spec_of_width(width, d)
+    dense = mlp_spec_of_width(width, d)
     moe_at = [experts > 1 and i % e_period == e_offset for i in range(n)]
     mlps = [dense] * n
     if any(moe_at):
-        moe = _mlp_spec_of_width(_moe_width(r, "num_experts", experts=experts,
+        moe = mlp_spec_of_width(_moe_width(r, "num_experts", experts=experts,
                                             top_k=r.integer("num_experts_per_tok", 2),
                                             width=width), d)
         mlps = [moe if at else dense for at in moe_at]
@@ -747,7 +747,7 @@ def _megatron(r: _Reader) -> ArchConfig:
             r.change("--quick-geglu", True, "SwiGLU", "hybridlab's gated MLP uses silu")
         elif not swiglu:
             width = _ungated(r, "--swiglu", act, width)
-        layers["-"] = _mlp_spec_of_width(width, d)
+        layers["-"] = mlp_spec_of_width(width, d)
         if "E" in main:
             expert = r.integer("--moe-ffn-hidden-size", r.integer("--ffn-hidden-size", default))
             shared = r.get("--moe-shared-expert-intermediate-size")
@@ -755,7 +755,7 @@ def _megatron(r: _Reader) -> ArchConfig:
                                top_k=r.integer("--moe-router-topk", 2), width=expert,
                                shared=0 if shared is None else r.integer(
                                    "--moe-shared-expert-intermediate-size"), gated=swiglu)
-            layers["E"] = _mlp_spec_of_width(dense, d)
+            layers["E"] = mlp_spec_of_width(dense, d)
     vocab = r.get("--vocab-size")
     if vocab is None:
         raise r.error("--vocab-size", "missing: Megatron takes the vocabulary from the "

@@ -28,7 +28,6 @@ packs ``[q, k, v]`` as ours does; its RoPE is flash_attn's ``RotaryEmbedding`` w
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from hybridlab.export.common import (
     Fit,
     chunk_size_note,
     describe,
+    mlp_spec_of_width,
     pair_blocks,
     unify,
     unify_attention,
@@ -268,15 +268,6 @@ def to_mamba_ssm(
     return out
 
 
-def _mlp_spec_of_width(width: int, d_model: int) -> MLPSpec:
-    """An MLPSpec whose ``d_hidden(d_model)`` is exactly ``width``."""
-    multiplier = width / d_model
-    # width / d * d can round to just above width, and ceil() would then add one.
-    while math.ceil(multiplier * d_model) > width:
-        multiplier = math.nextafter(multiplier, 0.0)
-    return MLPSpec(multiplier=multiplier, multiple_of=1)
-
-
 def _options(cfg: Mapping[str, Any], defaults: Mapping[str, Any], fixed: Mapping[str, Any],
              where: str) -> dict[str, Any]:
     """The settings of one mamba_ssm module config, refusing options hybridlab cannot build."""
@@ -335,7 +326,7 @@ def from_mamba_ssm(
         if width != padded_width(d_intermediate):
             raise ExportError(f"{FORMAT}: the MLP weights are {width} wide but d_intermediate "
                               f"{d_intermediate} builds {padded_width(d_intermediate)}")
-        mlp = _mlp_spec_of_width(width, d)
+        mlp = mlp_spec_of_width(width, d)
 
     layers: list[LayerSpec] = []
     out = {
