@@ -321,11 +321,13 @@ def to_transformers(fitted: HFFit, arch: ArchConfig,
         raise ValueError("only a faithful fit has weights in transformers' names")
     out: dict[str, torch.Tensor] = {}
     if fitted.flavour == "nemotron_h":
-        out["model.embeddings.weight"] = state["backbone.embedding.weight"]
+        # On disk NemotronH is "backbone.*", as transformers' save_pretrained writes it and
+        # Megatron-Bridge reads it; transformers renames it to "model.*" when loading.
+        out["backbone.embeddings.weight"] = state["backbone.embedding.weight"]
         for i in range(arch.n_layers):
-            out[f"model.layers.{i}.norm.weight"] = state[f"backbone.layers.{i}.norm.weight"]
-            out |= _mixer(arch, i, state, f"model.layers.{i}.mixer.")
-        out["model.norm_f.weight"] = state["backbone.norm_f.weight"]
+            out[f"backbone.layers.{i}.norm.weight"] = state[f"backbone.layers.{i}.norm.weight"]
+            out |= _mixer(arch, i, state, f"backbone.layers.{i}.mixer.")
+        out["backbone.norm_f.weight"] = state["backbone.norm_f.weight"]
         out["lm_head.weight"] = state["lm_head.weight"]
         return out
     out["model.embed_tokens.weight"] = state["backbone.embedding.weight"]

@@ -299,8 +299,6 @@ def test_bridge_mapping_covers_transformers_nemotron_h_checkpoints(tmp_path, tie
     assert_bridge_converts(safetensors_keys(tmp_path / "model.safetensors"), "M*-M", tied=tied)
 
 
-@pytest.mark.xfail(strict=True, reason="hf.to_transformers writes NemotronH tensors as model.*; "
-                   "transformers' save_pretrained and Megatron-Bridge use backbone.* on disk")
 @pytest.mark.parametrize("name", ROUTE)
 def test_hf_export_weights_are_what_the_bridge_converts(tmp_path, name):
     config = ROUTE[name]
