@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
 from hybridlab.cost import cost_report
 from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
+from hybridlab.search.objective import SEED_ATTR, SEED_RULE_ATTR, SEED_SOURCE_ATTR
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -309,6 +310,9 @@ class StudyDatabase:
             "status": c.status if c is not None else None,
             "note": note,
             "reused_from": c.reused_from if c is not None else attrs.get("reused_from"),
+            # A published design the study enqueued (seed_architectures:), and how it was sized.
+            "seed": ({"name": attrs[SEED_ATTR], "source": attrs.get(SEED_SOURCE_ATTR),
+                      "rule": attrs.get(SEED_RULE_ATTR)} if SEED_ATTR in attrs else None),
             "values": values,
             "metrics": (c.objectives if c is not None and c.objectives else {}) | values,
             "pattern": pattern,

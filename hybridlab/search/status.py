@@ -9,6 +9,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from hybridlab.search.objective import SEED_ATTR
 from hybridlab.store import (
     NOTED,
     Candidate,
@@ -56,6 +57,8 @@ def study_table(study: str | None, storage: str | None, *, runs_dir: str | Path 
         note = promoted_as.get(t.number, "")
         if c is not None and c.status in NOTED:
             note = f"{c.status}: {c.reason}" if c.reason else c.status
+        if SEED_ATTR in t.user_attrs:
+            note = (f"seed {t.user_attrs[SEED_ATTR]} " + note).strip()
         if "failed_trial" in t.system_attrs:
             note = (note + f" retry of #{t.system_attrs['failed_trial']}").strip()
         lines.append([

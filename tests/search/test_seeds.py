@@ -15,7 +15,9 @@ from hybridlab.search import runner
 from hybridlab.search.objective import SEED_ARCH_ATTR, SEED_ATTR, SEED_RULE_ATTR
 from hybridlab.search.seeds import blocks, proxy_seeds, sample_blocks, typical_params
 from hybridlab.search.space import load_space, parse_space
+from hybridlab.search.status import study_table
 from hybridlab.store import Candidate, make_engine, session_scope
+from hybridlab_dashboard.data import StudyDatabase
 
 TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
 VOCAB = 64
@@ -142,6 +144,16 @@ def test_seeds_are_queued_once_trained_first_and_labelled(tmp_path):
             assert rows[t.number].status == "trained"
             assert t.user_attrs[SEED_ATTR] in t.user_attrs[SEED_RULE_ATTR]
     engine.dispose()
+    # The status table and the dashboard say which trials are seeds, and from what.
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    rows = study_table("tiny", url).splitlines()[2:]
+    assert ["seed samba-421m" in rows[0], "seed nemotron-h-8b" in rows[1], "seed" in rows[2]] == [
+        True, True, False]
+    database = StudyDatabase(url)
+    shown = sorted(database.snapshot("tiny")["trials"], key=lambda t: t["number"])
+    database.close()
+    assert [t["seed"] and t["seed"]["name"] for t in shown] == ["samba-421m", "nemotron-h-8b", None]
+    assert shown[0]["seed"]["rule"] == trials[0].user_attrs[SEED_RULE_ATTR]
     # A resumed study (more trials, same seeds) queues none of them again.
     again, waiting = run_worker(text, tmp_path, trials=4)
     assert waiting == 0

@@ -391,7 +391,8 @@ function renderTrials() {
     onchange: () => toggle(t.number),
   })),
   h("td", { class: "num" }, t.number),
-  h("td", {}, t.state, best.has(t.number) && h("span", { class: "badge" }, "best")),
+  h("td", {}, t.state, best.has(t.number) && h("span", { class: "badge" }, "best"),
+    t.seed && h("span", { class: "badge seed", title: t.seed.rule || "" }, `seed: ${t.seed.name}`)),
   h("td", {}, t.layers.length ? strip(t, scaleAll, { height: 18, unit: 16 }) : "–"),
   h("td", {}, h("code", {}, t.pattern || "–")),
   h("td", { class: "num" }, t.depth ?? "–"),
@@ -420,6 +421,7 @@ function renderCompare() {
       ["context L", `${count(d.state_context)} tokens`],
       ["depth · attention share", `${t.depth ?? "–"} · ${percent(t.attention_fraction)}`],
       ["state", t.note ? `${t.state} (${t.note})` : t.state],
+      ...(t.seed ? [["seeded from", `${t.seed.name} (${t.seed.source || "?"})`], ["sized by", t.seed.rule || "–"]] : []),
     ];
     const card = h("div", { class: "card", "data-trial": t.number },
       h("h3", {}, `#${t.number}`, h("code", {}, t.pattern || "–")),
