@@ -8,6 +8,7 @@ context length. The SSM state is float32 because it accumulates over the whole s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -22,32 +23,36 @@ class AttentionCache:
     def slots(self) -> int:
         return self.k.shape[1]
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
 
 @dataclass
 class MambaCache:
     conv_state: torch.Tensor  # (B, conv channels, d_conv): the last d_conv conv inputs
     ssm_state: torch.Tensor  # mamba1: (B, d_inner, d_state); mamba2: (B, nheads, headdim, d_state)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv_state, self.ssm_state]
 
-LayerCache = AttentionCache | MambaCache | None
+
+class LayerCache(Protocol):
+    """What a layer keeps between decoding steps (a layer without state keeps None)."""
+
+    def tensors(self) -> list[torch.Tensor]: ...
 
 
 @dataclass
 class InferenceCache:
     """One entry per layer (None for layers without state, such as MLPs)."""
 
-    layers: list[LayerCache]
+    layers: list[LayerCache | None]
     max_seqlen: int
     seqlen: int = 0
     tensors: list[torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.tensors = []
-        for entry in self.layers:
-            if isinstance(entry, AttentionCache):
-                self.tensors += [entry.k, entry.v]
-            elif isinstance(entry, MambaCache):
-                self.tensors += [entry.conv_state, entry.ssm_state]
+        self.tensors = [t for entry in self.layers if entry is not None for t in entry.tensors()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -1,9 +1,10 @@
-"""Architecture genome: ``ArchConfig`` and its per-layer specs.
+"""Architecture genome: ``ArchConfig``, a list of layer specs.
 
-A hybrid is a list of layers, each one of ``mamba1`` | ``mamba2`` | ``attention`` | ``mlp``, each
-with its own settings (a 64-state Mamba-2 layer may sit next to a 16-state one). Configs are frozen
-dataclasses that round-trip through dict, JSON and YAML; every validation error names the field
-(``layers[3].n_kv_heads``) and, when the config came from a file, the file and line.
+A hybrid is a list of layers, each of a type from the layer registry (``hybridlab.layers``:
+``mamba1`` | ``mamba2`` | ``attention`` | ``mlp`` | ...), each with its own settings (a 64-state
+Mamba-2 layer may sit next to a 16-state one). Configs are frozen dataclasses that round-trip
+through dict, JSON and YAML; every validation error names the field (``layers[3].n_kv_heads``)
+and, when the config came from a file, the file and line.
 """
 
 from __future__ import annotations
@@ -11,118 +12,38 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import yaml
 
-from hybridlab.errors import HybridlabError
+from hybridlab.errors import ConfigError
+from hybridlab.layers import (
+    LAYER_TYPES,
+    SYMBOLS,
+    AttentionSpec,
+    LayerSpec,
+    Mamba1Spec,
+    Mamba2Spec,
+    MLPSpec,
+)
+from hybridlab.layers.spec import check_keys, positive, read_bool, read_float, read_int
 
-LayerType = Literal["mamba1", "mamba2", "attention", "mlp"]
-
-
-class ConfigError(HybridlabError, ValueError):
-    """A config value is wrong; names the field, and the file and line when known."""
-
-    def __init__(
-        self, field: str, message: str, *, source: str | None = None, line: int | None = None
-    ) -> None:
-        self.field = field
-        self.message = message
-        self.source = source
-        self.line = line
-        where = ""
-        if source is not None:
-            where = f"{source}:{line}: " if line is not None else f"{source}: "
-        super().__init__(f"{where}{field}: {message}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Mamba1Spec:
-    """Mamba-1 selective SSM mixer (Gu & Dao, 2023); names follow mamba_ssm's ``Mamba``."""
-
-    type: ClassVar[str] = "mamba1"
-    symbol: ClassVar[str] = "m"
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    # "auto" is the paper's ceil(d_model / 16).
-    dt_rank: int | Literal["auto"] = "auto"
-
-    def d_inner(self, d_model: int) -> int:
-        return self.expand * d_model
-
-    def resolved_dt_rank(self, d_model: int) -> int:
-        return math.ceil(d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Mamba2Spec:
-    """Mamba-2 SSD mixer (Dao & Gu, 2024); names follow mamba_ssm's ``Mamba2``."""
-
-    type: ClassVar[str] = "mamba2"
-    symbol: ClassVar[str] = "M"
-    d_state: int = 64
-    headdim: int = 64
-    expand: int = 2
-    ngroups: int = 1
-    d_conv: int = 4
-    chunk_size: int = 64
-
-    def d_inner(self, d_model: int) -> int:
-        return self.expand * d_model
-
-    def nheads(self, d_model: int) -> int:
-        return self.d_inner(d_model) // self.headdim
-
-    def conv_dim(self, d_model: int) -> int:
-        return self.d_inner(d_model) + 2 * self.ngroups * self.d_state
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttentionSpec:
-    """Causal multi-head attention with grouped KV heads, RoPE and an optional sliding window."""
-
-    type: ClassVar[str] = "attention"
-    symbol: ClassVar[str] = "*"
-    n_heads: int = 4
-    # None means n_heads (plain multi-head attention).
-    n_kv_heads: int | None = None
-    # None means d_model // n_heads.
-    head_dim: int | None = None
-    rope: bool = True
-    rope_theta: float = 10000.0
-    sliding_window: int | None = None
-
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    def resolved_head_dim(self, d_model: int) -> int:
-        return d_model // self.n_heads if self.head_dim is None else self.head_dim
-
-
-@dataclass(frozen=True, kw_only=True)
-class MLPSpec:
-    """SwiGLU MLP; hidden width is ``multiplier * d_model`` rounded up to ``multiple_of``."""
-
-    type: ClassVar[str] = "mlp"
-    symbol: ClassVar[str] = "-"
-    multiplier: float = 8 / 3
-    multiple_of: int = 16
-
-    def d_hidden(self, d_model: int) -> int:
-        width = math.ceil(self.multiplier * d_model)
-        return -(-width // self.multiple_of) * self.multiple_of
-
-
-LayerSpec = Mamba1Spec | Mamba2Spec | AttentionSpec | MLPSpec
-LAYER_SPECS: dict[str, type[LayerSpec]] = {
-    spec.type: spec for spec in (Mamba1Spec, Mamba2Spec, AttentionSpec, MLPSpec)
-}
-SYMBOLS: dict[str, type[LayerSpec]] = {spec.symbol: spec for spec in LAYER_SPECS.values()}
+# The genome's public names: the built-in specs are importable from here as from their modules.
+__all__ = [
+    "ArchConfig",
+    "AttentionSpec",
+    "ConfigError",
+    "LayerSpec",
+    "MLPSpec",
+    "Mamba1Spec",
+    "Mamba2Spec",
+    "load_yaml_file",
+    "load_yaml_with_lines",
+    "read_text_file",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,14 +76,14 @@ class ArchConfig:
         *,
         d_model: int,
         vocab_size: int,
-        mamba1: Mamba1Spec | None = None,
-        mamba2: Mamba2Spec | None = None,
-        attention: AttentionSpec | None = None,
-        mlp: MLPSpec | None = None,
         tie_embeddings: bool = True,
+        **specs: LayerSpec,
     ) -> ArchConfig:
-        """Build a config from a pattern string: one spec per layer type, defaults unless given."""
-        chosen = {"m": mamba1, "M": mamba2, "*": attention, "-": mlp}
+        """Build a config from a pattern string; ``specs`` by type name (``mamba2=Mamba2Spec(
+        d_state=16)``) set each type's layers, defaults for the types not given."""
+        for name, spec in specs.items():
+            if name not in LAYER_TYPES or not isinstance(spec, LAYER_TYPES[name].spec):
+                raise TypeError(f"from_pattern: {name}={spec!r} is not a {name} spec")
         layers = []
         for i, symbol in enumerate(pattern):
             if symbol not in SYMBOLS:
@@ -170,7 +91,8 @@ class ArchConfig:
                     f"pattern[{i}]",
                     f"unknown layer symbol {symbol!r}; expected one of {''.join(SYMBOLS)!r}",
                 )
-            layers.append(chosen[symbol] or SYMBOLS[symbol]())
+            entry = SYMBOLS[symbol]
+            layers.append(specs.get(entry.name) or entry.spec())
         return cls(
             d_model=d_model, vocab_size=vocab_size, layers=tuple(layers),
             tie_embeddings=tie_embeddings,
@@ -182,7 +104,7 @@ class ArchConfig:
             "vocab_size": self.vocab_size,
             "tie_embeddings": self.tie_embeddings,
             "norm_eps": self.norm_eps,
-            "layers": [_spec_to_dict(layer) for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
     @classmethod
@@ -243,10 +165,6 @@ class ArchConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
-    return {"type": spec.type, **dataclasses.asdict(spec)}
-
-
 def line_for(field_path: str, lines: Mapping[str, int] | None) -> int | None:
     """Line of the field, or of its closest enclosing field (``layers[2]`` for a missing key)."""
     if not lines:
@@ -260,74 +178,22 @@ def line_for(field_path: str, lines: Mapping[str, int] | None) -> int | None:
     return None
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(
-                f"{where}{key}", f"unknown field; expected one of {sorted(allowed)}"
-            )
-
-
-def _read_int(data: Mapping[str, Any], key: str, where: str, *, default: Any) -> Any:
-    value = data.get(key, default)
-    if value is None or value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}{key}", f"must be an integer, got {value!r}")
-    return value
-
-
-def _read_float(data: Mapping[str, Any], key: str, where: str, *, default: float) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}{key}", f"must be a number, got {value!r}")
-    _finite(value, f"{where}{key}")
-    return float(value)
-
-
-def _finite(value: int | float, name: str) -> None:
-    # NaN compares false with every bound, so range checks alone let it through.
-    if not math.isfinite(value):
-        raise ConfigError(name, f"must be a finite number, got {value!r}")
-
-
-def _read_bool(data: Mapping[str, Any], key: str, where: str, *, default: bool) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}{key}", f"must be true or false, got {value!r}")
-    return value
-
-
 def _spec_from_dict(data: Any, where: str) -> LayerSpec:
     if not isinstance(data, Mapping):
         raise ConfigError(where.rstrip("."), f"must be a mapping with a 'type', got {data!r}")
     kind = data.get("type")
-    if kind not in LAYER_SPECS:
+    if kind not in LAYER_TYPES:
         raise ConfigError(
-            f"{where}type", f"unknown layer type {kind!r}; expected one of {sorted(LAYER_SPECS)}"
+            f"{where}type", f"unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}"
         )
-    spec_cls = LAYER_SPECS[kind]
-    fields = {f.name: f for f in dataclasses.fields(spec_cls)}
-    _check_keys(data, {"type", *fields}, where)
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        default = f.default
-        if isinstance(default, bool):
-            values[name] = _read_bool(data, name, where, default=default)
-        elif isinstance(default, float):
-            values[name] = _read_float(data, name, where, default=default)
-        else:
-            values[name] = _read_int(data, name, where, default=default)
-    if values.get("dt_rank") is None and spec_cls is Mamba1Spec:
-        raise ConfigError(f"{where}dt_rank", "must be a positive integer or 'auto'")
-    return spec_cls(**values)
+    return LAYER_TYPES[kind].spec.from_dict(data, where)
 
 
 def _arch_from_dict(data: Any) -> ArchConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("<document>", f"must be a mapping, got {type(data).__name__}")
     top = {f.name for f in dataclasses.fields(ArchConfig)}
-    _check_keys(data, top, "")
+    check_keys(data, top, "")
     for required in ("d_model", "vocab_size", "layers"):
         if required not in data:
             raise ConfigError(required, "missing required field")
@@ -336,20 +202,12 @@ def _arch_from_dict(data: Any) -> ArchConfig:
         raise ConfigError("layers", f"must be a list of layer specs, got {layers_data!r}")
     layers = tuple(_spec_from_dict(item, f"layers[{i}].") for i, item in enumerate(layers_data))
     return ArchConfig(
-        d_model=_read_int(data, "d_model", "", default=None),
-        vocab_size=_read_int(data, "vocab_size", "", default=None),
+        d_model=read_int(data, "d_model", "", default=None),
+        vocab_size=read_int(data, "vocab_size", "", default=None),
         layers=layers,
-        tie_embeddings=_read_bool(data, "tie_embeddings", "", default=True),
-        norm_eps=_read_float(data, "norm_eps", "", default=1e-5),
+        tie_embeddings=read_bool(data, "tie_embeddings", "", default=True),
+        norm_eps=read_float(data, "norm_eps", "", default=1e-5),
     )
-
-
-def _positive(value: Any, name: str) -> None:
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(name, f"must be a positive number, got {value!r}")
-    _finite(value, name)
-    if value <= 0:
-        raise ConfigError(name, f"must be positive, got {value!r}")
 
 
 def validate(config: ArchConfig) -> None:
@@ -358,53 +216,16 @@ def validate(config: ArchConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(name, f"must be an integer, got {value!r}")
-        _positive(value, name)
-    _positive(config.norm_eps, "norm_eps")
+        positive(value, name)
+    positive(config.norm_eps, "norm_eps")
     if not config.layers:
         raise ConfigError("layers", "must contain at least one layer")
     for i, spec in enumerate(config.layers):
         where = f"layers[{i}]"
-        if not isinstance(spec, tuple(LAYER_SPECS.values())):
+        entry = LAYER_TYPES.get(getattr(spec, "type", None))  # type: ignore[arg-type]
+        if entry is None or not isinstance(spec, entry.spec):
             raise ConfigError(where, f"not a layer spec: {spec!r}")
-        _validate_spec(spec, config.d_model, where)
-
-
-def _validate_spec(spec: LayerSpec, d_model: int, where: str) -> None:
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if isinstance(value, bool) or value is None or value == "auto":
-            continue
-        _positive(value, f"{where}.{f.name}")
-    if isinstance(spec, Mamba2Spec):
-        d_inner = spec.d_inner(d_model)
-        if d_inner % spec.headdim:
-            raise ConfigError(
-                f"{where}.headdim",
-                f"expand * d_model = {d_inner} must be divisible by headdim = {spec.headdim}",
-            )
-        nheads = d_inner // spec.headdim
-        if nheads % spec.ngroups:
-            raise ConfigError(
-                f"{where}.ngroups",
-                f"number of heads {nheads} must be divisible by ngroups = {spec.ngroups}",
-            )
-    elif isinstance(spec, AttentionSpec):
-        if spec.n_heads % spec.kv_heads():
-            raise ConfigError(
-                f"{where}.n_kv_heads",
-                f"n_heads = {spec.n_heads} must be divisible by n_kv_heads = {spec.kv_heads()}",
-            )
-        if spec.head_dim is None and d_model % spec.n_heads:
-            raise ConfigError(
-                f"{where}.n_heads",
-                f"d_model = {d_model} must be divisible by n_heads = {spec.n_heads} "
-                "when head_dim is not given",
-            )
-        if spec.rope and spec.resolved_head_dim(d_model) % 2:
-            raise ConfigError(
-                f"{where}.head_dim",
-                f"RoPE needs an even head_dim, got {spec.resolved_head_dim(d_model)}",
-            )
+        spec.check(config.d_model, where)
 
 
 # Expanded size of a document (each alias counts the whole node it repeats). A config has a few

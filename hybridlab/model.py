@@ -13,7 +13,7 @@ from torch import nn
 
 from hybridlab.cache import InferenceCache
 from hybridlab.config import ArchConfig
-from hybridlab.layers import RMSNorm, build_mixer
+from hybridlab.layers import RMSNorm, build_layer
 from hybridlab.layers.init import EMBED_STD, normal_
 
 
@@ -38,7 +38,7 @@ class Backbone(nn.Module):
         eps = config.norm_eps
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(
-            Block(build_mixer(spec, config.d_model, eps=eps), config.d_model, eps=eps)
+            Block(build_layer(spec, config.d_model, eps=eps), config.d_model, eps=eps)
             for spec in config.layers
         )
         self.norm_f = RMSNorm(config.d_model, eps=eps)

@@ -33,6 +33,7 @@ from hybridlab.checkpoint import load_checkpoint, load_latest_checkpoint, save_c
 from hybridlab.config import ConfigError
 from hybridlab.data.task import Batch, TaskData
 from hybridlab.errors import HybridlabError
+from hybridlab.layers.registry import no_weight_decay_ids
 from hybridlab.metrics import METRICS, metric_names
 from hybridlab.model import HybridLM
 
@@ -47,8 +48,6 @@ PROGRESS_MODES = ("bar", "lines", "off")
 # resuming from a checkpoint is exact, so where and how often it is written does not matter.
 OPERATIONAL_FIELDS = frozenset({"threads", "device", "checkpoint_every", "keep_checkpoints"})
 
-# Parameters that get no weight decay besides every vector: the SSM's own dynamics.
-NO_DECAY_SUFFIXES = ("A_log", ".D", "dt_bias", "dt_proj.bias")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,15 +261,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    seen: set[int] = set()
-    for name, param in model.named_parameters():
-        if id(param) in seen or not param.requires_grad:
-            continue
-        seen.add(id(param))
-        if param.dim() < 2 or name.endswith(NO_DECAY_SUFFIXES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    exempt = no_weight_decay_ids(model)
+    for param in model.parameters():  # each shared (tied) parameter once
+        if param.requires_grad:
+            (no_decay if id(param) in exempt else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -3,12 +3,12 @@ import torch
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
 from hybridlab.cost import (
-    attended_keys,
     cost_report,
     flops_per_token,
     inference_state_bytes,
     param_count,
 )
+from hybridlab.layers.attention import attended_keys
 from hybridlab.model import HybridLM
 
 MLP = MLPSpec(multiplier=2.0, multiple_of=4)  # hidden 16

@@ -24,8 +24,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import Engine
 
-from hybridlab.config import SYMBOLS, ArchConfig, AttentionSpec, ConfigError, MLPSpec
+from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.cost import cost_report
+from hybridlab.layers import LAYER_TYPES, SYMBOLS
 from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
 from hybridlab.search.objective import SEED_ATTR, SEED_RULE_ATTR, SEED_SOURCE_ATTR
 from hybridlab.store import (
@@ -104,14 +105,6 @@ def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
 
-def _layer_width(spec: Any, d_model: int) -> int:
-    if isinstance(spec, AttentionSpec):
-        return spec.n_heads * spec.resolved_head_dim(d_model)
-    if isinstance(spec, MLPSpec):
-        return spec.d_hidden(d_model)
-    return spec.d_inner(d_model)
-
-
 @functools.lru_cache(maxsize=4096)
 def _layers_of(arch_json: str, context: int) -> tuple[dict[str, Any], ...]:
     config = ArchConfig.from_dict(json.loads(arch_json))
@@ -120,11 +113,11 @@ def _layers_of(arch_json: str, context: int) -> tuple[dict[str, Any], ...]:
         {
             "type": spec.type,
             "symbol": spec.symbol,
-            "width": _layer_width(spec, config.d_model),
+            "width": spec.width(config.d_model),
             "d_state": getattr(spec, "d_state", None),
             "state_bytes": cost.state_bytes,
             "params": cost.params,
-            "spec": {"type": spec.type, **asdict(spec)},
+            "spec": spec.to_dict(),
         }
         for spec, cost in zip(config.layers, report.layers, strict=True)
     )
@@ -141,7 +134,13 @@ def layers(arch: dict[str, Any] | None, pattern: str | None, context: int | None
             return list(_layers_of(json.dumps(arch, sort_keys=True), context))
         except ConfigError:
             pass
-    return [{"type": SYMBOLS[s].type, "symbol": s} for s in pattern or "" if s in SYMBOLS]
+    return [{"type": SYMBOLS[s].name, "symbol": s} for s in pattern or "" if s in SYMBOLS]
+
+
+def layer_types() -> list[dict[str, Any]]:
+    """The registry's layer types as the page draws them: name, symbol, label and colour."""
+    return [{"type": t.name, "symbol": t.spec.symbol, "label": t.label, "colour": t.colour,
+             "mixer": t.mixes_sequence} for t in LAYER_TYPES.values()]
 
 
 def export_command(study: str, trial: int, *, database_args: Sequence[str] = ()) -> str:
@@ -273,6 +272,8 @@ class StudyDatabase:
             "quality_metrics": quality,
             "cost_axes": axes,
             "units": UNIT_RULES,
+            # The layer registry's types, so the page names and colours every type it draws.
+            "layer_types": layer_types(),
             # Names, kinds, directions, units and labels: the page lists no metric of its own.
             "metrics": registry_as_json(),
             "state_context": next((c.state_context for c in candidates.values()
@@ -291,7 +292,8 @@ class StudyDatabase:
         pattern = c.pattern if c is not None and c.pattern else attrs.get("pattern")
         per_layer = layers(c.arch if c is not None else None, pattern,
                            c.state_context if c is not None else None)
-        mixers = [layer for layer in per_layer if layer["type"] != "mlp"]
+        mixers = [layer for layer in per_layer
+                  if layer["type"] in LAYER_TYPES and LAYER_TYPES[layer["type"]].mixes_sequence]
         values = (dict(zip(names, t.values, strict=True))
                   if t.state == TrialState.COMPLETE and t.values else {})
 

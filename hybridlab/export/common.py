@@ -29,6 +29,7 @@ from hybridlab.config import (
 )
 from hybridlab.errors import HybridlabError
 from hybridlab.files import sha256_file
+from hybridlab.layers import layer_type
 
 SSM_TYPES = ("mamba1", "mamba2")
 MANIFEST_FILE = "export.json"
@@ -91,36 +92,28 @@ class Fit:
         return not self.changes
 
 
-def semantics(spec: LayerSpec, d_model: int) -> dict[str, Any]:
-    """The settings that decide what a layer computes, defaults resolved.
-
-    Two layers with equal semantics compute the same function of the same weights; Mamba-2's
-    ``chunk_size`` is left out because it only tiles the scan.
-    """
-    if isinstance(spec, Mamba1Spec):
-        return {"d_state": spec.d_state, "d_conv": spec.d_conv, "expand": spec.expand,
-                "dt_rank": spec.resolved_dt_rank(d_model)}
-    if isinstance(spec, Mamba2Spec):
-        return {"d_state": spec.d_state, "headdim": spec.headdim, "expand": spec.expand,
-                "ngroups": spec.ngroups, "d_conv": spec.d_conv}
-    if isinstance(spec, AttentionSpec):
-        settings: dict[str, Any] = {
-            "n_heads": spec.n_heads, "n_kv_heads": spec.kv_heads(),
-            "head_dim": spec.resolved_head_dim(d_model), "rope": spec.rope,
-        }
-        if spec.rope:
-            settings["rope_theta"] = spec.rope_theta
-        settings["sliding_window"] = spec.sliding_window
-        return settings
-    if isinstance(spec, MLPSpec):
-        return {"width": spec.d_hidden(d_model)}
-    raise TypeError(f"not a layer spec: {spec!r}")
-
-
 def describe(spec: LayerSpec, d_model: int) -> str:
     """``mamba2(d_state=64, headdim=64, ...)``: a layer's type and its semantic settings."""
-    settings = ", ".join(f"{k}={v}" for k, v in semantics(spec, d_model).items())
+    settings = ", ".join(f"{k}={v}" for k, v in spec.semantics(d_model).items())
     return f"{spec.type}({settings})"
+
+
+def drop_refused_layers(arch: ArchConfig, fmt: str) -> tuple[ArchConfig, list[Change]]:
+    """``arch`` without the layers whose type ``fmt`` cannot hold (the registry says why), and
+    one Change per such layer; the format's own fitting then numbers the remaining layers."""
+    changes = [
+        Change(where=f"layers[{i}]", was=describe(spec, arch.d_model),
+               now="removed (later changes number the layers without it)", reason=why)
+        for i, spec in enumerate(arch.layers)
+        if (why := layer_type(spec).refusal(fmt)) is not None
+    ]
+    if not changes:
+        return arch, []
+    kept = tuple(s for s in arch.layers if layer_type(s).refusal(fmt) is None)
+    if not kept:
+        raise ExportError(f"format {fmt!r} can hold none of the layers of {arch.pattern!r}: "
+                          + "; ".join(c.refusal() for c in changes))
+    return replace(arch, layers=kept), changes
 
 
 def unify(
@@ -133,10 +126,10 @@ def unify(
         groups.setdefault(describe(spec, d_model), []).append(index)
     # max() keeps the first of equal counts, and dicts keep insertion order: first seen wins.
     chosen = specs[max(groups.values(), key=len)[0]]
-    target = semantics(chosen, d_model)
+    target = chosen.semantics(d_model)
     changes = []
     for index, spec in specs.items():
-        have = semantics(spec, d_model)
+        have = spec.semantics(d_model)
         # rope_theta exists only with rope: compare over both key sets, a missing key as "-".
         for key in dict.fromkeys([*have, *target]):
             if have.get(key, "-") != target.get(key, "-"):
@@ -168,7 +161,7 @@ def pair_blocks(arch: ArchConfig) -> Pairing:
     blocks: list[tuple[int, int | None]] = []
     stray: list[int] = []
     for i, spec in enumerate(arch.layers):
-        if not isinstance(spec, MLPSpec):
+        if layer_type(spec).mixes_sequence:
             blocks.append((i, None))
         elif blocks and blocks[-1] == (i - 1, None):
             blocks[-1] = (i - 1, i)

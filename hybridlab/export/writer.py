@@ -24,6 +24,7 @@ from hybridlab.export.common import (
     ExportRefused,
     Fit,
     atomic_folder,
+    drop_refused_layers,
     verify_export,
     write_json,
 )
@@ -148,23 +149,29 @@ def _write(
     flavour: str | None = None
     target: ArchConfig | None = None
     weights: str | None = None
+    written, refused = (arch, []) if fmt == "hybridlab" else drop_refused_layers(arch, fmt)
+    if refused:
+        if not lossy:
+            raise ExportRefused(fmt, {fmt: refused})
+        # A lossy export carries no weights, so the formats fit the kept layers alone.
+        model = None
     if fmt == "hybridlab":
         fitted = Fit()
         files = [] if model is None else [_save_weights(model, folder, WEIGHTS_FILE)]
         weights = None if model is None else "hybridlab"
     elif fmt == "mamba_ssm":
-        ssm_fit = mamba_ssm.fit(arch)
+        ssm_fit = mamba_ssm.fit(written)
         _check(fmt, ssm_fit, lossy=lossy)
         fitted, target = ssm_fit, ssm_fit.target
         files = mamba_ssm.write(model, folder, ssm_fit)
         weights = "mamba_ssm" if fitted.faithful and model is not None else None
     elif fmt == "megatron":
-        mega_fit = megatron.fit(arch)
+        mega_fit = megatron.fit(written)
         _check(fmt, mega_fit, lossy=lossy)
         fitted, target = mega_fit, mega_fit.target
         files = megatron.write(folder, mega_fit, seq_length=seq_length)
     else:
-        candidates = hf.fits(arch, seq_length=seq_length,
+        candidates = hf.fits(written, seq_length=seq_length,
                              eos_id=None if tokenizer is None else tokenizer.eot_id)
         hf_fit = hf.choose(candidates)
         if hf_fit.changes and not lossy:
@@ -172,6 +179,7 @@ def _write(
         fitted, flavour = hf_fit, hf_fit.flavour
         files = hf.write(folder, hf_fit, arch, None if model is None else model.state_dict())
         weights = "transformers" if hf.WEIGHTS_FILE in files else None
+    fitted = replace(fitted, changes=(*refused, *fitted.changes))
     if fmt == "megatron" and fitted.faithful and model is not None:
         files.append(_save_weights(model, folder, FOREIGN_WEIGHTS_FILE))
         weights = "hybridlab"

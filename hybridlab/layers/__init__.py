@@ -1,36 +1,46 @@
-"""Layer types of a hybrid stack, built from their specs through one registry."""
+"""Layer types of a hybrid stack. Importing this package registers every built-in type; each
+lives in its own module (spec, cost, module, registry entry)."""
 
 from __future__ import annotations
 
-from torch import nn
-
-from hybridlab.config import AttentionSpec, LayerSpec, Mamba1Spec, Mamba2Spec, MLPSpec
-from hybridlab.layers.attention import Attention, attention_backend
-from hybridlab.layers.mamba1 import Mamba1
-from hybridlab.layers.mamba2 import Mamba2
-from hybridlab.layers.mlp import GatedMLP
+from hybridlab.layers.attention import Attention, AttentionSpec, attention_backend
+from hybridlab.layers.mamba1 import Mamba1, Mamba1Spec
+from hybridlab.layers.mamba2 import Mamba2, Mamba2Spec
+from hybridlab.layers.mlp import GatedMLP, MLPSpec
+from hybridlab.layers.moe import MoE, MoESpec
 from hybridlab.layers.norm import RMSNorm, RMSNormGated
+from hybridlab.layers.parallel import Parallel, ParallelSpec
+from hybridlab.layers.registry import (
+    LAYER_TYPES,
+    SYMBOLS,
+    LayerType,
+    build_layer,
+    layer_type,
+    mixer_types,
+)
+from hybridlab.layers.spec import LayerSpec
 
 __all__ = [
+    "LAYER_TYPES",
+    "SYMBOLS",
     "Attention",
+    "AttentionSpec",
     "GatedMLP",
+    "LayerSpec",
+    "LayerType",
+    "MLPSpec",
     "Mamba1",
+    "Mamba1Spec",
     "Mamba2",
+    "Mamba2Spec",
+    "MoE",
+    "MoESpec",
+    "Parallel",
+    "ParallelSpec",
     "RMSNorm",
     "RMSNormGated",
     "attention_backend",
-    "build_mixer",
+    "build_layer",
+    "layer_type",
+    "mixer_types",
 ]
-
-
-def build_mixer(spec: LayerSpec, d_model: int, *, eps: float = 1e-5) -> nn.Module:
-    """The mixer module for one layer spec."""
-    if isinstance(spec, Mamba1Spec):
-        return Mamba1(d_model, spec)
-    if isinstance(spec, Mamba2Spec):
-        return Mamba2(d_model, spec, eps=eps)
-    if isinstance(spec, AttentionSpec):
-        return Attention(d_model, spec)
-    if isinstance(spec, MLPSpec):
-        return GatedMLP(d_model, spec)
-    raise TypeError(f"no layer for spec {spec!r}")

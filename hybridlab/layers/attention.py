@@ -12,15 +12,95 @@ import functools
 import importlib
 import logging
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.cache import AttentionCache
-from hybridlab.config import AttentionSpec
+from hybridlab.errors import ConfigError
 from hybridlab.layers.init import EMBED_STD, normal_, residual_std
+from hybridlab.layers.registry import LayerType, register
+from hybridlab.layers.spec import LayerSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec(LayerSpec):
+    """Causal multi-head attention with grouped KV heads, RoPE and an optional sliding window."""
+
+    type: ClassVar[str] = "attention"
+    symbol: ClassVar[str] = "*"
+    n_heads: int = 4
+    # None means n_heads (plain multi-head attention).
+    n_kv_heads: int | None = None
+    # None means d_model // n_heads.
+    head_dim: int | None = None
+    rope: bool = True
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def resolved_head_dim(self, d_model: int) -> int:
+        return d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def check_sizes(self, d_model: int, where: str) -> None:
+        if self.n_heads % self.kv_heads():
+            raise ConfigError(
+                f"{where}.n_kv_heads",
+                f"n_heads = {self.n_heads} must be divisible by n_kv_heads = {self.kv_heads()}",
+            )
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ConfigError(
+                f"{where}.n_heads",
+                f"d_model = {d_model} must be divisible by n_heads = {self.n_heads} "
+                "when head_dim is not given",
+            )
+        if self.rope and self.resolved_head_dim(d_model) % 2:
+            raise ConfigError(
+                f"{where}.head_dim",
+                f"RoPE needs an even head_dim, got {self.resolved_head_dim(d_model)}",
+            )
+
+    def params(self, d_model: int) -> int:
+        hd, h, kv = self.resolved_head_dim(d_model), self.n_heads, self.kv_heads()
+        return d_model * hd * (h + 2 * kv) + h * hd * d_model
+
+    def flops(self, d_model: int, context: int, *, decode: bool = False) -> float:
+        hd, h = self.resolved_head_dim(d_model), self.n_heads
+        keys = attended_keys(context, self.sliding_window, decode=decode)
+        # Scores and the weighted sum: 4 * n_heads * head_dim per attended key.
+        return 2 * self.params(d_model) + 4 * h * hd * keys
+
+    def state_bytes(self, d_model: int, context: int, *, cache_bytes: int) -> int:
+        tokens = min(context, self.sliding_window or context)
+        return 2 * tokens * self.kv_heads() * self.resolved_head_dim(d_model) * cache_bytes
+
+    def semantics(self, d_model: int) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "n_heads": self.n_heads, "n_kv_heads": self.kv_heads(),
+            "head_dim": self.resolved_head_dim(d_model), "rope": self.rope,
+        }
+        if self.rope:
+            settings["rope_theta"] = self.rope_theta
+        settings["sliding_window"] = self.sliding_window
+        return settings
+
+    def width(self, d_model: int) -> int:
+        return self.n_heads * self.resolved_head_dim(d_model)
+
+
+def attended_keys(context: int, window: int | None, *, decode: bool = False) -> float:
+    """Keys a token attends to: averaged over positions 1..context, or at position context+1."""
+    if decode:
+        return float(min(context + 1, window or context + 1))
+    if window is None or window >= context:
+        return (context + 1) / 2
+    # Positions 1..W attend to t keys, positions W+1..L to W keys.
+    return (window * (window + 1) / 2 + (context - window) * window) / context
 
 AttentionBackend = Literal["sdpa", "flash"]
 _log = logging.getLogger("hybridlab.attention")
@@ -181,3 +261,9 @@ class Attention(nn.Module):
         values = cache.v[:, :filled].to(q.dtype)
         out = self._sdpa(q, keys, values, None, causal=False)  # every cached slot is visible
         return self.out_proj(out.reshape(x.shape[0], -1))
+
+
+register(LayerType(
+    spec=AttentionSpec, build=lambda spec, d_model, eps: Attention(d_model, spec),
+    label="attention", colour="#f97316", mixes_sequence=True,
+))

@@ -3,19 +3,70 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.cache import MambaCache
-from hybridlab.config import Mamba1Spec
 from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
 from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
+from hybridlab.layers.registry import LayerType, register
+from hybridlab.layers.spec import LayerSpec
 from hybridlab_kernels import selective_scan, selective_state_update
+
+SSM_STATE_BYTES = 4  # the SSM state is always float32
+# FLOPs per token and state element of the selective scan (the Mamba paper's count).
+SCAN_FLOPS = 9
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba1Spec(LayerSpec):
+    """Mamba-1 selective SSM mixer (Gu & Dao, 2023); names follow mamba_ssm's ``Mamba``."""
+
+    type: ClassVar[str] = "mamba1"
+    symbol: ClassVar[str] = "m"
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # "auto" is the paper's ceil(d_model / 16).
+    dt_rank: int | Literal["auto"] = "auto"
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def resolved_dt_rank(self, d_model: int) -> int:
+        return math.ceil(d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+    def params(self, d_model: int) -> int:
+        d, di, n = d_model, self.d_inner(d_model), self.d_state
+        r, k = self.resolved_dt_rank(d), self.d_conv
+        in_proj, conv = d * 2 * di, di * k + di
+        x_proj, dt_proj = di * (r + 2 * n), r * di + di
+        return in_proj + conv + x_proj + dt_proj + di * n + di + di * d
+
+    def flops(self, d_model: int, context: int, *, decode: bool = False) -> float:
+        d, di, n, r = d_model, self.d_inner(d_model), self.d_state, self.resolved_dt_rank(d_model)
+        matmuls = d * 2 * di + di * (r + 2 * n) + r * di + di * d
+        return 2 * matmuls + 2 * di * self.d_conv + SCAN_FLOPS * di * n
+
+    def state_bytes(self, d_model: int, context: int, *, cache_bytes: int) -> int:
+        di = self.d_inner(d_model)
+        return di * self.d_conv * cache_bytes + di * self.d_state * SSM_STATE_BYTES
+
+    def semantics(self, d_model: int) -> dict[str, Any]:
+        return {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+                "dt_rank": self.resolved_dt_rank(d_model)}
+
+    def width(self, d_model: int) -> int:
+        return self.d_inner(d_model)
 
 
 class Mamba1(nn.Module):
+    no_weight_decay = ("A_log", "D", "dt_proj.bias")
+
     def __init__(self, d_model: int, spec: Mamba1Spec) -> None:
         super().__init__()
         self.d_inner = spec.d_inner(d_model)
@@ -95,3 +146,9 @@ class Mamba1(nn.Module):
             dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
         )
         return self.out_proj(y.to(hidden.dtype))
+
+
+register(LayerType(
+    spec=Mamba1Spec, build=lambda spec, d_model, eps: Mamba1(d_model, spec), label="Mamba-1",
+    colour="#06b6d4", mixes_sequence=True,
+))

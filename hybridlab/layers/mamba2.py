@@ -6,20 +6,90 @@ head; the output goes through a gated RMSNorm before ``out_proj``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.cache import MambaCache
-from hybridlab.config import Mamba2Spec
+from hybridlab.errors import ConfigError
 from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
 from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
+from hybridlab.layers.mamba1 import SSM_STATE_BYTES
 from hybridlab.layers.norm import RMSNormGated
+from hybridlab.layers.registry import LayerType, register
+from hybridlab.layers.spec import LayerSpec
 from hybridlab_kernels import ssd, ssd_state_update
 
 A_INIT_RANGE = (1.0, 16.0)
+# FLOPs per token and state element of the SSD recurrence: decay, dt-scaled x outer B, add,
+# and the C contraction.
+SCAN_FLOPS = 6
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mamba2Spec(LayerSpec):
+    """Mamba-2 SSD mixer (Dao & Gu, 2024); names follow mamba_ssm's ``Mamba2``."""
+
+    type: ClassVar[str] = "mamba2"
+    symbol: ClassVar[str] = "M"
+    d_state: int = 64
+    headdim: int = 64
+    expand: int = 2
+    ngroups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 64
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def nheads(self, d_model: int) -> int:
+        return self.d_inner(d_model) // self.headdim
+
+    def conv_dim(self, d_model: int) -> int:
+        return self.d_inner(d_model) + 2 * self.ngroups * self.d_state
+
+    def check_sizes(self, d_model: int, where: str) -> None:
+        d_inner = self.d_inner(d_model)
+        if d_inner % self.headdim:
+            raise ConfigError(
+                f"{where}.headdim",
+                f"expand * d_model = {d_inner} must be divisible by headdim = {self.headdim}",
+            )
+        nheads = d_inner // self.headdim
+        if nheads % self.ngroups:
+            raise ConfigError(
+                f"{where}.ngroups",
+                f"number of heads {nheads} must be divisible by ngroups = {self.ngroups}",
+            )
+
+    def params(self, d_model: int) -> int:
+        d, di, h, cd = d_model, self.d_inner(d_model), self.nheads(d_model), self.conv_dim(d_model)
+        in_proj, conv = d * (di + cd + h), cd * self.d_conv + cd
+        return in_proj + conv + 3 * h + di + di * d
+
+    def flops(self, d_model: int, context: int, *, decode: bool = False) -> float:
+        d, di, h, cd = d_model, self.d_inner(d_model), self.nheads(d_model), self.conv_dim(d_model)
+        matmuls = d * (di + cd + h) + di * d
+        return 2 * matmuls + 2 * cd * self.d_conv + SCAN_FLOPS * di * self.d_state
+
+    def state_bytes(self, d_model: int, context: int, *, cache_bytes: int) -> int:
+        ssm = self.nheads(d_model) * self.headdim * self.d_state
+        return self.conv_dim(d_model) * self.d_conv * cache_bytes + ssm * SSM_STATE_BYTES
+
+    def semantics(self, d_model: int) -> dict[str, Any]:
+        # chunk_size only tiles the scan, so it is not part of what the layer computes.
+        return {"d_state": self.d_state, "headdim": self.headdim, "expand": self.expand,
+                "ngroups": self.ngroups, "d_conv": self.d_conv}
+
+    def width(self, d_model: int) -> int:
+        return self.d_inner(d_model)
 
 class Mamba2(nn.Module):
+    no_weight_decay = ("A_log", "D", "dt_bias")
+
     def __init__(self, d_model: int, spec: Mamba2Spec, *, eps: float = 1e-5) -> None:
         super().__init__()
         self.d_inner = spec.d_inner(d_model)
@@ -104,3 +174,9 @@ class Mamba2(nn.Module):
         y = self.norm(y.flatten(-2).to(hidden.dtype), z)
         return self.out_proj(y)
 
+
+
+register(LayerType(
+    spec=Mamba2Spec, build=lambda spec, d_model, eps: Mamba2(d_model, spec, eps=eps),
+    label="Mamba-2", colour="#2563eb", mixes_sequence=True,
+))

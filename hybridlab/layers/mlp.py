@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlab.config import MLPSpec
 from hybridlab.layers.init import EMBED_STD, normal_, residual_std
+from hybridlab.layers.registry import LayerType, register
+from hybridlab.layers.spec import LayerSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPSpec(LayerSpec):
+    """SwiGLU MLP; hidden width is ``multiplier * d_model`` rounded up to ``multiple_of``."""
+
+    type: ClassVar[str] = "mlp"
+    symbol: ClassVar[str] = "-"
+    multiplier: float = 8 / 3
+    multiple_of: int = 16
+
+    def d_hidden(self, d_model: int) -> int:
+        width = math.ceil(self.multiplier * d_model)
+        return -(-width // self.multiple_of) * self.multiple_of
+
+    def params(self, d_model: int) -> int:
+        return 3 * d_model * self.d_hidden(d_model)
+
+    def flops(self, d_model: int, context: int, *, decode: bool = False) -> float:
+        return 2 * self.params(d_model)
+
+    def state_bytes(self, d_model: int, context: int, *, cache_bytes: int) -> int:
+        return 0
+
+    def semantics(self, d_model: int) -> dict[str, Any]:
+        return {"width": self.d_hidden(d_model)}
+
+    def width(self, d_model: int) -> int:
+        return self.d_hidden(d_model)
 
 
 class GatedMLP(nn.Module):
@@ -30,3 +64,9 @@ class GatedMLP(nn.Module):
 
     def step(self, x: torch.Tensor, cache: None = None) -> torch.Tensor:
         return self.forward(x)
+
+
+register(LayerType(
+    spec=MLPSpec, build=lambda spec, d_model, eps: GatedMLP(d_model, spec), label="MLP",
+    colour="#a3a3a3", mixes_sequence=False,
+))

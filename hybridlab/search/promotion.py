@@ -40,9 +40,10 @@ import torch
 from optuna.trial import TrialState
 
 from hybridlab import code_version
-from hybridlab.config import LAYER_SPECS, ArchConfig, AttentionSpec, ConfigError, LayerSpec
+from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, LayerSpec
 from hybridlab.data.tasks import make_task
 from hybridlab.errors import HybridlabError
+from hybridlab.layers import LAYER_TYPES
 from hybridlab.metrics import METRICS
 from hybridlab.model import HybridLM
 from hybridlab.scale import Scaled, ScaleError, Target, scale
@@ -172,7 +173,7 @@ def _first_spec(arch: ArchConfig, kinds: tuple[str, ...], space: SearchSpace,
         value = param.values[0] if hasattr(param, "values") else param.low
         if value is not None:
             settings[key] = value
-    spec = LAYER_SPECS[kind](**settings)
+    spec = LAYER_TYPES[kind].spec(**settings)
     if isinstance(spec, AttentionSpec):
         # Plain multi-head attention: the standard baseline, and its width lattice (whole KV
         # heads) is as fine as the head count allows, where one KV head would allow only

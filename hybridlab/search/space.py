@@ -9,6 +9,7 @@ and is raised before anything is created in a database. ``seed_architectures:`` 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import optuna
 
 from hybridlab.config import (
-    LAYER_SPECS,
     ArchConfig,
-    AttentionSpec,
     ConfigError,
     LayerSpec,
-    Mamba2Spec,
     MLPSpec,
     line_for,
     load_yaml_with_lines,
@@ -31,14 +29,13 @@ from hybridlab.config import (
 )
 from hybridlab.cost import param_count
 from hybridlab.errors import HybridlabError
+from hybridlab.layers import LAYER_TYPES, mixer_types
 from hybridlab.metrics import DEFAULT_OBJECTIVE, METRICS, metric_names
 from hybridlab.train import TrainConfig
 
 if TYPE_CHECKING:
     from hybridlab.scale import Target
 
-LAYER_TYPES = tuple(LAYER_SPECS)
-MIXER_TYPES = ("mamba1", "mamba2", "attention")
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "hyperband", "successive_halving", "median")
 # numpy's and Optuna's samplers take 32-bit seeds; a worker's seed is (seed + rank) mod 2**32.
@@ -310,21 +307,6 @@ class _Reader:
             self.integer(value, path, minimum=1)
 
 
-def _field_kinds(spec_cls: type) -> dict[str, type]:
-    kinds = {}
-    for f in dataclasses.fields(spec_cls):
-        default = f.default
-        if isinstance(default, bool):
-            kinds[f.name] = bool
-        elif isinstance(default, float):
-            kinds[f.name] = float
-        elif f.name == "dt_rank":
-            kinds[f.name] = str
-        else:
-            kinds[f.name] = int
-    return kinds
-
-
 TOP_KEYS = ("name", "seed", "task", "train", "model", "budgets", "objectives", "sampler",
             "pruner", "trials", "workers", "resources", "lm_eval", "promotion",
             "seed_architectures", "seed_params")
@@ -544,15 +526,14 @@ def _parse_model(r: _Reader, data: Any) -> ModelSpace:
     depth = r.param(depth_value, "model.depth", int)
     if not isinstance(depth, IntRange):
         raise r.error("model.depth", "must be an integer or {low, high}")
-    layer_types = r.type_list(m["layer_types"], "model.layer_types", LAYER_TYPES)
-    if not set(layer_types) & set(MIXER_TYPES):
+    layer_types = r.type_list(m["layer_types"], "model.layer_types", tuple(LAYER_TYPES))
+    if not set(layer_types) & set(mixer_types()):
         raise r.error("model.layer_types", "needs at least one mixer type besides mlp")
     rules = _parse_rules(r, m.get("rules"), layer_types)
     placed = set(layer_types) | ({"mlp"} if rules.mlp_after_mixer == "always" else set())
     layer_params: dict[str, dict[str, Param]] = {}
     for kind in LAYER_TYPES:
-        spec_cls = LAYER_SPECS[kind]
-        kinds = _field_kinds(spec_cls)
+        kinds = LAYER_TYPES[kind].spec.field_kinds()
         block = r.mapping(m.get(kind), f"model.{kind}", tuple(kinds))
         if block and kind not in placed:
             raise r.error(f"model.{kind}", f"settings for {kind!r}, which is not in layer_types")
@@ -589,32 +570,38 @@ def _check_choices(r: _Reader, m: ModelSpace) -> None:
     """Refuse choice values that no draw of the fields they depend on makes valid.
 
     Such a value could only ever be rejected; combinations valid for some draws only are left to
-    the sampler, which rejects the bad ones (it never changes a drawn value).
+    the sampler, which rejects the bad ones (it never changes a drawn value). Every combination
+    of a type's settings and d_model is tried against the spec's own check, while there are at
+    most ``_MAX_ENUMERATED`` of them.
     """
-    if "attention" in m.layer_types:
-        att = m.layer_params["attention"]
-        heads = _values(att.get("n_heads", Choice((AttentionSpec.n_heads,))))
-        kvs = _values(att.get("n_kv_heads", Choice((None,))))
-        if heads is not None and kvs is not None:
-            for kv in kvs:
-                if kv is not None and not any(h % kv == 0 for h in heads):
-                    raise r.error("model.attention.n_kv_heads",
-                                  f"{kv} does not divide any n_heads choice {heads}")
-            for h in heads:
-                if not any(kv is None or h % kv == 0 for kv in kvs):
-                    raise r.error("model.attention.n_heads",
-                                  f"{h} is not divisible by any n_kv_heads choice {kvs}")
-    if "mamba2" in m.layer_types:
-        mamba2 = m.layer_params["mamba2"]
-        widths = _values(m.d_model)
-        expands = _values(mamba2.get("expand", Choice((Mamba2Spec.expand,))))
-        headdims = _values(mamba2.get("headdim", Choice((Mamba2Spec.headdim,))))
-        if widths is not None and expands is not None and headdims is not None:
-            inner = sorted({e * d for e in expands for d in widths})
-            for headdim in headdims:
-                if not any(width % headdim == 0 for width in inner):
-                    raise r.error("model.mamba2.headdim",
-                                  f"{headdim} divides no expand * d_model {inner}")
+    widths = _values(m.d_model)
+    for kind, params in m.layer_params.items():
+        options = {key: _values(p) for key, p in params.items()}
+        if widths is None or not options or any(v is None for v in options.values()):
+            continue
+        keys = list(options)
+        combos = itertools.product(widths, *(options[k] for k in keys))
+        if len(widths) * math.prod(len(options[k]) for k in keys) > _MAX_ENUMERATED:
+            continue
+        spec_cls = LAYER_TYPES[kind].spec
+        valid: dict[str, set[Any]] = {key: set() for key in keys}
+        why: dict[tuple[str, Any], str] = {}
+        for d_model, *values in combos:
+            try:
+                spec_cls(**dict(zip(keys, values, strict=True))).check(d_model, kind)
+            except ConfigError as err:
+                for key, value in zip(keys, values, strict=True):
+                    why.setdefault((key, value), err.message)
+                continue
+            for key, value in zip(keys, values, strict=True):
+                valid[key].add(value)
+        for key in keys:
+            for value in options[key]:
+                if value not in valid[key]:
+                    others = [k for k in keys if k != key] + ["d_model"]
+                    raise r.error(f"model.{kind}.{key}",
+                                  f"{value!r} makes no valid {kind} layer for any choice of "
+                                  f"{', '.join(others)} ({why[key, value]})")
 
 
 def _range_pair(r: _Reader, value: Any, path: str, number: bool) -> tuple[Any, Any]:
@@ -640,7 +627,7 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
     high_frac = 1.0 if high_frac is None else high_frac
     if high_frac > 1:
         raise r.error("model.rules.attention_fraction.max", f"must be <= 1, got {high_frac}")
-    mixers = tuple(t for t in layer_types if t != "mlp") or layer_types
+    mixers = tuple(t for t in layer_types if t in mixer_types()) or layer_types
     first = (r.type_list(d["first_layer"], "model.rules.first_layer", layer_types)
              if "first_layer" in d else None)
     last = (r.type_list(d["last_layer"], "model.rules.last_layer", layer_types)
@@ -893,9 +880,9 @@ def _check_feasible(r: _Reader, space: SearchSpace) -> None:
 def _attention_counts(m: ModelSpace) -> Iterator[tuple[int, int, int]]:
     """Every (depth, attention layers, mixer layers) the layer types can produce."""
     has_attention = "attention" in m.layer_types
-    other_mixer = any(t != "attention" for t in m.layer_types if t in MIXER_TYPES)
-    # Only mlp_after_mixer: search puts MLPs among the drawn layers (and then mlp is a type).
-    searched_mlp = "mlp" in m.layer_types
+    other_mixer = any(t != "attention" for t in m.layer_types if t in mixer_types())
+    # Only mlp_after_mixer: search puts MLPs (per-token layers) among the drawn layers.
+    searched_mlp = any(t not in mixer_types() for t in m.layer_types)
     for depth in range(m.depth.low, m.depth.high + 1, m.depth.step):
         for n_mixers in range(1, depth + 1) if searched_mlp else (depth,):
             for n_attention in range(n_mixers + 1) if has_attention else (0,):
@@ -941,7 +928,7 @@ def _smallest_params(m: ModelSpace, space: SearchSpace) -> int:
     for kind in m.layer_types:
         settings = {k: _low(p) for k, p in m.layer_params.get(kind, {}).items()}
         try:
-            spec = LAYER_SPECS[kind](**{k: v for k, v in settings.items() if v is not None})
+            spec = LAYER_TYPES[kind].spec(**{k: v for k, v in settings.items() if v is not None})
             params = param_count(ArchConfig(d_model=d_model, vocab_size=vocab, layers=(spec,)))
         except (ConfigError, TypeError):
             continue
@@ -968,7 +955,7 @@ class Rejected(Exception):
 
 def _layer_types(trial: optuna.Trial, m: ModelSpace, depth: int) -> list[str]:
     rules = m.rules
-    mixers = [t for t in m.layer_types if t != "mlp"]
+    mixers = [t for t in m.layer_types if t in mixer_types()]
     types = []
     for i in range(depth):
         if rules.attention_every is not None:
@@ -993,22 +980,13 @@ def _spec(trial: optuna.Trial, m: ModelSpace, kind: str, index: int, d_model: in
     prefix = kind if m.share_layer_params else f"layer{index}.{kind}"
     values = {key: suggest(trial, f"{prefix}.{key}", p)
               for key, p in m.layer_params.get(kind, {}).items()}
-    if kind == "attention":
-        n_heads = values.get("n_heads", AttentionSpec.n_heads)
-        kv = values.get("n_kv_heads")
-        # Rejected, never repaired: Optuna must record the values the model trains with.
-        if kv is not None and n_heads % kv:
-            raise Rejected(f"layer {index}: n_kv_heads {kv} does not divide n_heads {n_heads}")
-    if kind == "mamba2":
-        headdim = values.get("headdim", Mamba2Spec.headdim)
-        expand = values.get("expand", Mamba2Spec.expand)
-        if (expand * d_model) % headdim:
-            raise Rejected(f"layer {index}: mamba2 headdim {headdim} does not divide "
-                           f"expand * d_model = {expand * d_model}")
+    spec = LAYER_TYPES[kind].spec(**values)
     try:
-        return LAYER_SPECS[kind](**values)
-    except TypeError as err:
-        raise Rejected(f"layer {index}: {err}") from None
+        # Rejected, never repaired: Optuna must record the values the model trains with.
+        spec.check(d_model, f"layer {index}: {kind}")
+    except ConfigError as err:
+        raise Rejected(str(err)) from None
+    return spec
 
 
 def sample_architecture(trial: optuna.Trial, space: SearchSpace, vocab_size: int) -> ArchConfig:
@@ -1019,7 +997,7 @@ def sample_architecture(trial: optuna.Trial, space: SearchSpace, vocab_size: int
     types = _layer_types(trial, m, depth)
     rules = m.rules
     reason = attention_rule_violation(rules, depth=depth, n_attention=types.count("attention"),
-                                      n_mixers=sum(t != "mlp" for t in types))
+                                      n_mixers=sum(t in mixer_types() for t in types))
     if reason is not None:
         raise Rejected(reason)
     layers: list[LayerSpec] = []

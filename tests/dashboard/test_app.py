@@ -73,8 +73,8 @@ def test_json_endpoints(synthetic_app, client, synthetic):
     }
     study = client(synthetic_app, "/hl/api/study?name=demo").json()
     assert set(study) == {"study", "objectives", "quality_metrics", "cost_axes", "units",
-                          "metrics", "state_context", "counts", "best", "fronts", "trials",
-                          "evaluations", "revision"}
+                          "layer_types", "metrics", "state_context", "counts", "best", "fronts",
+                          "trials", "evaluations", "revision"}
     assert len(study["trials"]) == len(made) + 2
     assert set(study["trials"][0]) == {
         "number", "state", "status", "note", "reused_from", "seed", "values", "metrics", "pattern",

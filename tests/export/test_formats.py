@@ -18,7 +18,7 @@ from hybridlab.export import (
     verify_export,
 )
 from hybridlab.export import mamba_ssm as mamba_ssm_format
-from hybridlab.layers import build_mixer
+from hybridlab.layers import build_layer
 from hybridlab.model import HybridLM
 
 # MambaLMHeadModel(MambaConfig(d_model=64, n_layer=3, d_intermediate=128, vocab_size=64,
@@ -177,7 +177,7 @@ def reference_mamba_ssm_logits(config: dict, state: dict, tokens: torch.Tensor) 
         if i in config["attn_layer_idx"]:
             hidden = reference_mha(config["attn_cfg"], sub(prefix + "mixer."), hidden)
         else:
-            mixer = build_mixer(spec, d)
+            mixer = build_layer(spec, d)
             mixer.load_state_dict(sub(prefix + "mixer."))
             hidden = mixer(hidden)
         if config["d_intermediate"] > 0:

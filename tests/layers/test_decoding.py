@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hybridlab.config import AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
-from hybridlab.layers import build_mixer
+from hybridlab.layers import build_layer
 
 D_MODEL = 32
 SPECS = {
@@ -23,7 +23,7 @@ SPECS = {
 
 
 def make(name: str, seed: int):
-    mixer = build_mixer(SPECS[name], D_MODEL)
+    mixer = build_layer(SPECS[name], D_MODEL)
     mixer.reset_parameters(torch.Generator().manual_seed(seed), n_layers=2)
     return mixer
 

@@ -10,7 +10,7 @@ in each case.
 import pytest
 
 from hybridlab.config import AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
-from hybridlab.layers import build_mixer
+from hybridlab.layers import build_layer
 
 CASES = [
     # Mamba(d_model=64, d_state=16, d_conv=4, expand=2): d_inner 128, dt_rank ceil(64/16) = 4
@@ -76,6 +76,6 @@ CASES = [
 
 @pytest.mark.parametrize(("d_model", "spec", "expected"), CASES)
 def test_names_and_shapes_match_mamba_ssm(d_model, spec, expected):
-    mixer = build_mixer(spec, d_model)
+    mixer = build_layer(spec, d_model)
     got = {name: tuple(t.shape) for name, t in mixer.state_dict().items()}
     assert got == expected

@@ -204,13 +204,16 @@ def attention_only(attention: str, d_model: str = "d_model: 48") -> str:
 
 @pytest.mark.parametrize(("text", "field", "words"), [
     (attention_only("{n_heads: [4], n_kv_heads: [2, 3]}"), "model.attention.n_kv_heads",
-     "3 does not divide any n_heads choice [4]"),
+     "3 makes no valid attention layer for any choice of n_heads, d_model "
+     "(n_heads = 4 must be divisible by n_kv_heads = 3)"),
     (attention_only("{n_heads: [4, 5], n_kv_heads: 2}"), "model.attention.n_heads",
-     "5 is not divisible by any n_kv_heads choice [2]"),
+     "5 makes no valid attention layer for any choice of n_kv_heads, d_model "
+     "(n_heads = 5 must be divisible by n_kv_heads = 2)"),
     (attention_only("{n_heads: {low: 5, high: 7, step: 2}, n_kv_heads: [1, 2]}"),
-     "model.attention.n_kv_heads", "2 does not divide any n_heads choice [5, 7]"),
+     "model.attention.n_heads", "(d_model = 48 must be divisible by n_heads = 5 "),
     (mutate("mamba2: {d_state: 8, headdim: 16", "mamba2: {d_state: 8, headdim: [16, 48]"),
-     "model.mamba2.headdim", "48 divides no expand * d_model [64]"),
+     "model.mamba2.headdim", "48 makes no valid mamba2 layer for any choice of d_state, "
+     "chunk_size, d_model (expand * d_model = 64 must be divisible by headdim = 48)"),
 ])
 def test_choices_that_are_never_valid_are_refused_at_load(text, field, words):
     with pytest.raises(ConfigError) as info:
@@ -225,7 +228,7 @@ def test_sampled_heads_are_the_recorded_heads():
     archs = [(params, a) for params, a in draws if isinstance(a, ArchConfig)]
     reasons = [a for _, a in draws if isinstance(a, str)]
     assert len(archs) >= 20 and reasons
-    assert all("n_kv_heads 3 does not divide n_heads 4" in reason for reason in reasons)
+    assert all("n_heads = 4 must be divisible by n_kv_heads = 3" in reason for reason in reasons)
     for params, arch in archs:
         for i, layer in enumerate(arch.layers):
             assert layer.n_heads == params[f"layer{i}.attention.n_heads"]

@@ -4,8 +4,11 @@
 // Often enough to follow a running search; each poll is a few short read-only queries.
 const REFRESH_MS = 3000;
 const SVG_NS = "http://www.w3.org/2000/svg";
-const TYPE_COLORS = { mamba2: "#2563eb", mamba1: "#06b6d4", attention: "#f97316", mlp: "#a3a3a3" };
-const TYPE_NAMES = { mamba2: "Mamba-2 (M)", mamba1: "Mamba-1 (m)", attention: "attention (*)", mlp: "MLP (-)" };
+// Layer types come from hybridlab's registry in each study's JSON (`layer_types`: type, symbol,
+// label, colour, mixer), so a new type is drawn without touching this file.
+function layerType(type) { return view.data.layer_types.find((t) => t.type === type); }
+function typeColor(type) { return layerType(type)?.colour || "#444"; }
+function typeName(type) { const t = layerType(type); return t ? `${t.label} (${t.symbol})` : type; }
 const COMPARED_BY_DEFAULT = 3;
 const TRIAL_COLORS = ["#dc2626", "#2563eb", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
 // Properties of a trial's layer stack plotted against quality; metrics come from hybridlab's
@@ -95,7 +98,7 @@ function describeLayer(layer, i) {
     .map(([key, value]) => `${key}=${value}`)
     .join(" ");
   const sizes = layer.width ? `, width ${layer.width}, state ${bytes(layer.state_bytes)}, ${count(layer.params)} params` : "";
-  return `layer ${i}: ${TYPE_NAMES[layer.type] || layer.type}${sizes}${spec ? `\n${spec}` : ""}`;
+  return `layer ${i}: ${typeName(layer.type)}${sizes}${spec ? `\n${spec}` : ""}`;
 }
 
 // One cell per layer: colour is the type, width the layer's inner width, height its decoding
@@ -109,7 +112,7 @@ function strip(trial, scale, { height = 16, unit = 14 } = {}) {
     const cellHeight = Math.max(2, Math.round(height * frac));
     cells.push(s("rect", {
       class: "cell", "data-type": layer.type, x, y: height - cellHeight, width: w, height: cellHeight,
-      fill: TYPE_COLORS[layer.type] || "#444",
+      fill: typeColor(layer.type),
     }, s("title", {}, describeLayer(layer, i))));
     x += w + 1;
   });
@@ -118,7 +121,7 @@ function strip(trial, scale, { height = 16, unit = 14 } = {}) {
 }
 
 function dominantType(trial) {
-  const mixers = trial.layers.filter((l) => l.type !== "mlp");
+  const mixers = trial.layers.filter((l) => layerType(l.type)?.mixer);
   const tally = {};
   for (const l of mixers.length ? mixers : trial.layers) tally[l.type] = (tally[l.type] || 0) + 1;
   return Object.entries(tally).sort((a, b) => b[1] - a[1])[0]?.[0];
@@ -232,7 +235,7 @@ function scatter({ id, title, axisKey, points, front, xMinimize, quality }) {
     const classes = ["pt", front.has(n) && "front", view.selected.has(n) && "selected"].filter(Boolean).join(" ");
     svg.append(s("circle", {
       class: classes, "data-trial": n, cx: xs(p.x), cy: ys(p.y), r: front.has(n) ? 6 : 4.5,
-      fill: TYPE_COLORS[dominantType(p.trial)] || "#6b7280",
+      fill: dominantType(p.trial) ? typeColor(dominantType(p.trial)) : "#6b7280",
       onmouseenter: (event) => showTooltip(event, p.trial),
       onmousemove: moveTooltip,
       onmouseleave: hideTooltip,
@@ -438,7 +441,7 @@ function renderCompare() {
           h("td", { class: "num" }, count(l.params)))))) : null,
       h("div", { class: "export" }, h("code", { class: "export-command" }, t.export_command)));
     card.style.borderTopColor = trialColor(t.number, numbers);
-    for (const swatch of card.querySelectorAll(".swatch")) swatch.style.background = TYPE_COLORS[swatch.dataset.type];
+    for (const swatch of card.querySelectorAll(".swatch")) swatch.style.background = typeColor(swatch.dataset.type);
     return card;
   }));
 }
@@ -522,10 +525,10 @@ function renderEvaluations() {
 
 function renderLegend() {
   const legend = document.getElementById("legend");
-  legend.replaceChildren(...Object.entries(TYPE_NAMES).map(([type, name]) => {
+  legend.replaceChildren(...view.data.layer_types.map((t) => {
     const swatch = h("span", { class: "swatch" });
-    swatch.style.background = TYPE_COLORS[type];
-    return h("span", {}, swatch, name);
+    swatch.style.background = t.colour;
+    return h("span", {}, swatch, typeName(t.type));
   }));
 }
 
@@ -557,6 +560,7 @@ function renderStudy() {
     view.quality = d.quality_metrics[0];
   }
   if (!view.picked) view.selected = defaultSelection();
+  renderLegend();
   const quality = document.getElementById("quality");
   quality.replaceChildren(...d.quality_metrics.map((q) => h("option", { value: q.metric, selected: q.metric === view.quality.metric }, q.metric)));
   hideTooltip();
@@ -633,5 +637,4 @@ document.getElementById("quality").addEventListener("change", (event) => {
   view.quality = view.data.quality_metrics.find((q) => q.metric === event.target.value);
   renderStudy();
 });
-renderLegend();
 refresh();
