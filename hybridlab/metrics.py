@@ -38,6 +38,8 @@ METRICS: dict[str, Metric] = {metric.name: metric for metric in (
            label="held-out bits per byte", only_from="corpus tasks"),
     Metric(name="params", kind="cost", direction="minimize", unit="count",
            label="parameters", log_scale=True),
+    Metric(name="active_params", kind="cost", direction="minimize", unit="count",
+           label="active parameters (a token's routed experts, not all)", log_scale=True),
     Metric(name="flops_per_token", kind="cost", direction="minimize", unit="FLOPs",
            label="FLOPs per token", log_scale=True),
     Metric(name="state_bytes", kind="cost", direction="minimize", unit="bytes",

@@ -33,7 +33,7 @@ from hybridlab.checkpoint import load_checkpoint, load_latest_checkpoint, save_c
 from hybridlab.config import ConfigError
 from hybridlab.data.task import Batch, TaskData
 from hybridlab.errors import HybridlabError
-from hybridlab.layers.registry import no_weight_decay_ids
+from hybridlab.layers.registry import aux_losses, no_weight_decay_ids, router_loads
 from hybridlab.metrics import METRICS, metric_names
 from hybridlab.model import HybridLM
 
@@ -247,6 +247,28 @@ def settings_key(cfg: TrainConfig, task: TaskData) -> str:
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
     text = json.dumps({"train": train, "task": task.fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def routing_stats(model: nn.Module, dp: DataParallel | None = None) -> dict[str, float]:
+    """Of the last training step's routed layers (none: {}): ``aux_loss``, the sum of their
+    auxiliary losses, and ``router_imbalance``, the most loaded expert's share of its layer's
+    assignments times its layer's expert count (1 is perfect balance; n_experts / top_k at
+    worst). Under data parallelism both are means over the ranks' batches."""
+    loads = router_loads(model)
+    if not loads:
+        return {}
+    aux = sum((loss.detach().float() for loss in aux_losses(model)), loads[0].new_zeros(()))
+    stats = torch.cat([aux[None], *(load.float() for load in loads)])
+    if dp is not None:
+        dist.all_reduce(stats)
+        stats /= dp.world_size
+    values = stats.tolist()
+    imbalance, at = 0.0, 1
+    for load in loads:
+        share = values[at:at + load.numel()]
+        imbalance = max(imbalance, max(share) * load.numel())
+        at += load.numel()
+    return {"aux_loss": values[0], "router_imbalance": imbalance}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -488,7 +510,7 @@ def train(
             with _autocast(device, cfg.precision):
                 logits, targets = scored_logits(model, batch)
             loss = F.cross_entropy(logits.float(), targets)
-            return loss, loss.detach()
+            return loss + sum(aux_losses(model)), loss.detach()
         scored = int(batch.mask.sum())
         rows = dp.rows(cfg.batch_size)
         local = Batch(batch.inputs[rows], batch.targets[rows]).to(device)
@@ -500,7 +522,8 @@ def train(
         mean = total / scored  # 0/0 is NaN: no scored position at all diverges, as it does alone
         if not torch.isfinite(mean):
             return mean, mean
-        return local_sum * (dp.world_size / scored), mean
+        # Each rank's auxiliary losses are its own batch's; DDP's gradient mean averages them.
+        return local_sum * (dp.world_size / scored) + sum(aux_losses(model)), mean
 
     def callback_stops(at: int, evaluated: dict[str, float]) -> bool:
         return callback is not None and bool(callback(at, evaluated))
@@ -542,6 +565,8 @@ def train(
             if step % cfg.log_every == 0:
                 mean = running_loss / running_count
                 curve.append({"step": step, "split": "train", "metric": "loss", "value": mean})
+                curve += [{"step": step, "split": "train", "metric": k, "value": v}
+                          for k, v in routing_stats(model, dp).items()]
                 bar.set_postfix(loss=f"{mean:.3f}")
                 if mode == "lines":
                     lr = optimizer.param_groups[0]["lr"]

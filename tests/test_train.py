@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hybridlab.checkpoint import (
     MARKER,
@@ -19,11 +20,25 @@ from hybridlab.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba1Spec, Mamba2Spec
+from hybridlab.config import (
+    ArchConfig,
+    AttentionSpec,
+    ConfigError,
+    Mamba1Spec,
+    Mamba2Spec,
+)
 from hybridlab.data.task import IGNORE, Batch
 from hybridlab.data.tasks import make_task
+from hybridlab.layers import MoE, MoESpec
 from hybridlab.model import HybridLM
-from hybridlab.train import TrainConfig, build_optimizer, lr_at, settings_key, train
+from hybridlab.train import (
+    TrainConfig,
+    build_optimizer,
+    lr_at,
+    scored_logits,
+    settings_key,
+    train,
+)
 
 
 @dataclass
@@ -516,3 +531,52 @@ def test_training_stops_once_the_target_is_reached(tmp_path, target, metric):
 def test_target_metric_must_be_a_task_metric():
     with pytest.raises(ConfigError, match="target_metric"):
         TrainConfig(target=0.9, target_metric="params")
+
+
+def moe_model(seed: int, *, aux: float) -> HybridLM:
+    config = ArchConfig.from_pattern(
+        "E*E", d_model=32, vocab_size=16, attention=AttentionSpec(n_heads=2),
+        moe=MoESpec(n_experts=4, top_k=1, balance_coef=aux, z_loss_coef=aux / 4))
+    return HybridLM(config, seed=seed)
+
+
+@pytest.mark.parametrize("aux", [0.0, 0.5])
+def test_a_training_step_differentiates_cross_entropy_plus_the_routers_aux_losses(aux):
+    """One step of ``train`` equals one step by hand on CE + each MoE layer's aux_loss, and logs
+    the router's statistics of that step."""
+    cfg = TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup_steps=1, eval_every=1,
+                      eval_batch_size=8, log_every=1, seed=5, grad_clip=0.5)
+    trained = moe_model(3, aux=aux)
+    result = train(trained, ShiftTask(), cfg)
+
+    by_hand = moe_model(3, aux=aux).train()
+    optimizer = build_optimizer(by_hand, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(0, cfg)
+    batch = ShiftTask().train_batch(cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+    logits, targets = scored_logits(by_hand, batch)
+    routed = [m for m in by_hand.modules() if isinstance(m, MoE)]
+    aux_total = sum(m.aux_loss for m in routed)
+    (F.cross_entropy(logits, targets) + aux_total).backward()
+    torch.nn.utils.clip_grad_norm_(by_hand.parameters(), cfg.grad_clip)
+    imbalance = max(m.load.max().item() * m.n_experts for m in routed)
+    optimizer.step()
+    for (name, a), b in zip(trained.state_dict().items(), by_hand.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    logged = {c["metric"]: c["value"] for c in result.curve if c["split"] == "train"}
+    assert logged["aux_loss"] == pytest.approx(aux_total.item(), rel=1e-5, abs=1e-9)
+    assert logged["router_imbalance"] == pytest.approx(imbalance, rel=1e-6)
+    assert 1 <= imbalance <= 4
+    # The aux term moved the router: the same step on cross-entropy alone lands elsewhere.
+    if aux:
+        alone = moe_model(3, aux=0.0)
+        train(alone, ShiftTask(), cfg)
+        router = "backbone.layers.0.mixer.router.weight"
+        assert not torch.allclose(alone.state_dict()[router], trained.state_dict()[router])
+
+
+def test_plain_models_log_no_router_stats():
+    result = train(small_model("m-"), ShiftTask(), TrainConfig(steps=2, log_every=1, **{
+        k: v for k, v in FAST.items() if k != "log_every"}))
+    assert {c["metric"] for c in result.curve if c["split"] == "train"} == {"loss"}

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba2Spec
 from hybridlab.data.task import IGNORE, Batch, TaskData
 from hybridlab.data.tasks import make_task
+from hybridlab.layers import MoESpec
 from hybridlab.model import HybridLM
 from hybridlab.train import DataParallel, TrainConfig, TrainResult, evaluate, train
 
@@ -94,11 +95,13 @@ def build_task(name: str, root: Path) -> TaskData:
     return UnevenShift()
 
 
-def build_model(task: TaskData) -> HybridLM:
-    """A small hybrid: Mamba-2, attention and MLP."""
+def build_model(task: TaskData, pattern: str = "M*-", aux: float = 0.01) -> HybridLM:
+    """A small hybrid: Mamba-2, attention and MLP (or MoE, ``E``, whose router's balance and
+    z-loss coefficients are ``aux``)."""
     arch = ArchConfig.from_pattern(
-        "M*-", d_model=32, vocab_size=task.vocab_size,
-        mamba2=Mamba2Spec(d_state=8, headdim=16, chunk_size=8), attention=AttentionSpec(n_heads=2))
+        pattern, d_model=32, vocab_size=task.vocab_size,
+        mamba2=Mamba2Spec(d_state=8, headdim=16, chunk_size=8), attention=AttentionSpec(n_heads=2),
+        moe=MoESpec(n_experts=4, top_k=2, balance_coef=aux, z_loss_coef=aux))
     return HybridLM(arch, seed=0)
 
 
@@ -112,6 +115,8 @@ class Job:
     stop_at: int | None = None  # the callback stops training at this evaluation step
     poison: tuple[int, int] | None = None  # (rank, forward call) whose output becomes NaN
     progress: bool = False
+    pattern: str = "M*-"
+    aux: float = 0.01  # an MoE layer's balance and z-loss coefficients
 
 
 @dataclass
@@ -125,7 +130,7 @@ class Outcome:
 def run_job(job: Job, root: Path, dp: DataParallel | None = None,
             device: str = "cpu") -> Outcome:
     task = build_task(job.task, root)
-    model = build_model(task)
+    model = build_model(task, job.pattern, job.aux)
     calls: list[int] = []
     if job.poison is not None and (dp.rank if dp else 0) == job.poison[0]:
         count = {"n": 0}
@@ -184,7 +189,7 @@ def run_ranks(jobs: list[Job], root: Path, *, world: int = WORLD,
 
 
 def train_losses(result: TrainResult) -> list[float]:
-    return [c["value"] for c in result.curve if c["split"] == "train"]
+    return [c["value"] for c in result.curve if c["split"] == "train" and c["metric"] == "loss"]
 
 
 def curve_keys(result: TrainResult) -> list[tuple]:
@@ -209,6 +214,9 @@ def checkpoint_state(folder: Path, step: int) -> dict[str, Any]:
 
 
 TASKS = ("corpus", "mqar", "uneven")
+# Routed MoE layers without auxiliary losses: the cross-entropy alone, which data parallelism
+# reproduces (the auxiliary losses are each rank's own batch's).
+MOE_NO_AUX = Job("uneven", pattern="ME*E", aux=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +225,7 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("dp")
     write_corpus(root / "corpus")
     single = {name: run_job(Job(name), root) for name in TASKS}
+    single["moe_no_aux"] = run_job(MOE_NO_AUX, root)
     one_then_two = str(root / "one_then_two")
     single["stopped"] = run_job(Job("mqar", folder=one_then_two, stop_at=STOP_AT), root)
     jobs = {
@@ -224,6 +233,8 @@ def runs(tmp_path_factory) -> dict[str, Any]:
         "stopped": Job("mqar", folder=str(root / "two_then_one"), stop_at=STOP_AT),
         "one_then_two": Job("mqar", folder=one_then_two),
         "poisoned": Job("uneven", poison=(1, 4)),
+        "moe_no_aux": MOE_NO_AUX,
+        "moe": Job("uneven", pattern="ME*E"),
         "timed": Job("uneven", cfg=dict(steps=100_000, max_seconds=1.0, eval_every=10**6)),
     }
     outcomes = dict(zip(jobs, run_ranks(list(jobs.values()), root), strict=True))
@@ -232,10 +243,11 @@ def runs(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TASKS)
+@pytest.mark.parametrize("name", [*TASKS, "moe_no_aux"])
 def test_two_ranks_reproduce_the_single_process_run(runs, name):
     root, single, (rank0, rank1) = runs["root"], runs["single"][name], runs["dp"][name]
-    task = build_task(name, root)
+    job = MOE_NO_AUX if name == "moe_no_aux" else Job(name)
+    task = build_task(job.task, root)
     assert (rank0.result.status, rank0.result.steps) == ("completed", CFG["steps"])
     assert rank0.result.tokens == single.result.tokens
     assert_close_curves(rank0.result, single.result, scored=scored_test_positions(task))
@@ -253,13 +265,26 @@ def test_two_ranks_reproduce_the_single_process_run(runs, name):
     for key, value in rank0.weights.items():
         assert torch.equal(rank1.weights[key], value), key
     # Evaluation split over the ranks gives what one process computes from the same weights.
-    model = build_model(task)
+    model = build_model(task, job.pattern, job.aux)
     model.load_state_dict(rank0.weights)
     alone = evaluate(model, task, batch_size=CFG["eval_batch_size"], precision="fp32")
     assert alone == rank0.result.metrics
 
 
 @pytest.mark.slow
+def test_ranks_agree_on_an_moe_run_with_auxiliary_losses_and_log_router_stats(runs):
+    rank0, rank1 = runs["dp"]["moe"]
+    assert rank0.result.status == "completed"
+    assert rank1.result.curve == rank0.result.curve
+    for key, value in rank0.weights.items():
+        assert torch.equal(rank1.weights[key], value), key
+    logged = {c["metric"]: c["value"] for c in rank0.result.curve if c["split"] == "train"}
+    assert logged["aux_loss"] > 0 and 1 <= logged["router_imbalance"] <= 4 / 2
+    # Without auxiliary losses the same run logs a router imbalance but no aux loss term.
+    plain = {c["metric"]: c["value"] for c in runs["dp"]["moe_no_aux"][0].result.curve}
+    assert plain["aux_loss"] == 0 and plain["router_imbalance"] >= 1
+
+
 def test_callback_and_progress_run_on_rank_zero_only(runs):
     rank0, rank1 = runs["dp"]["mqar"]
     assert rank0.callback_calls == [8, 16, 24] and rank1.callback_calls == []

@@ -116,13 +116,18 @@ class CardInput:
 
 _HF_CLASSES = {"nemotron_h": "NemotronHForCausalLM", "bamba": "BambaForCausalLM",
                "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
-_LAYER_TAGS = {"mamba1": "mamba", "mamba2": "mamba2", "attention": "attention", "mlp": "mlp"}
+
+
+def pattern_legend(arch: ArchConfig) -> str:
+    """What each letter of the pattern stands for: "M mamba2, * attention, - mlp"."""
+    return ", ".join(f"{symbol} {name}" for name, symbol in dict.fromkeys(
+        (s.type, s.symbol) for s in arch.layers))
 
 
 def front_matter(card: CardInput) -> list[str]:
     """The Hugging Face Hub's YAML header: library, pipeline and tags (no license is claimed:
     the user who trained the model chooses it)."""
-    tags = ["hybridlab", "hybrid", *dict.fromkeys(_LAYER_TAGS[s.type] for s in card.arch.layers)]
+    tags = ["hybridlab", "hybrid", *dict.fromkeys(s.type for s in card.arch.layers)]
     if card.flavour:
         tags.append(card.flavour)
     lines = ["---"]
@@ -155,7 +160,7 @@ def model_card(card: CardInput) -> str:
                   "the trained architecture, and no weights were written; see LOSSY.md.", ""]
 
     facts: list[tuple[str, Any]] = [
-        ("pattern", f"`{arch.pattern}` (M mamba2, m mamba1, * attention, - mlp)"),
+        ("pattern", f"`{arch.pattern}` ({pattern_legend(arch)})"),
         ("layers", f"{arch.n_layers} (d_model {arch.d_model}, vocabulary {arch.vocab_size}, "
                    f"{'tied' if arch.tie_embeddings else 'untied'} embeddings, "
                    f"norm eps {arch.norm_eps:g})"),

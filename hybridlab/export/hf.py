@@ -55,6 +55,8 @@ from hybridlab.export.common import (
 )
 from hybridlab.layers.init import DT_FLOOR, DT_MAX, DT_MIN
 
+# The layer types this format maps (every other registered type refuses it in the registry).
+WRITES = ("mamba1", "mamba2", "attention", "mlp")
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"

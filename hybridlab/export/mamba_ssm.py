@@ -61,6 +61,8 @@ from hybridlab.export.common import (
 from hybridlab.model import HybridLM
 
 FORMAT = "mamba_ssm"
+# The layer types this format maps (every other registered type refuses it in the registry).
+WRITES = ("mamba1", "mamba2", "attention", "mlp")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"

@@ -44,6 +44,9 @@ from hybridlab.export.common import (
     unify_ssm_as_mamba2,
 )
 
+# The layer types this format maps (Mamba-1 as the closest Mamba-2, lossy; every other
+# registered type refuses it in the registry).
+WRITES = ("mamba1", "mamba2", "attention", "mlp")
 ARGS_JSON = "megatron_args.json"
 ARGS_SH = "megatron_args.sh"
 MAMBA_D_CONV = 4

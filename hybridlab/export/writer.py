@@ -30,9 +30,13 @@ from hybridlab.export.common import (
 )
 from hybridlab.export.tokenizer_files import hf_tokenizer_files
 from hybridlab.files import sha256_file
+from hybridlab.layers import LAYER_TYPES
 from hybridlab.model import HybridLM
 
 FORMATS = ("hybridlab", "mamba_ssm", "megatron", "hf")
+# Per foreign format, the layer types its module maps; a registered type must be here or
+# refused by that format in the registry (``check_layer_coverage``).
+WRITES = {"mamba_ssm": mamba_ssm.WRITES, "megatron": megatron.WRITES, "hf": hf.WRITES}
 DEFAULT_SEQ_LENGTH = 2048
 ARCH_FILE = "arch.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -103,6 +107,19 @@ def _save_weights(model: HybridLM, folder: Path, name: str) -> str:
     return name
 
 
+def check_layer_coverage(fmt: str, types: set[str]) -> None:
+    """Raise ExportError for a layer type that ``fmt`` neither maps nor refuses: a type added
+    to the registry without deciding what each format does with it is never guessed at."""
+    for name in sorted(types):
+        mapped = name in WRITES[fmt]
+        refused = LAYER_TYPES[name].refusal(fmt) is not None
+        if mapped == refused:
+            state = "both maps and refuses" if mapped else "neither maps nor refuses"
+            raise ExportError(f"format {fmt!r} {state} layer type {name!r}: add it to "
+                              f"hybridlab/export/{fmt}.py's WRITES or give its registry entry "
+                              f"a refusal for {fmt!r}")
+
+
 def _check(fmt: str, fitted: Fit, *, lossy: bool) -> None:
     if fitted.changes and not lossy:
         raise ExportRefused(fmt, {fmt: fitted.changes})
@@ -149,6 +166,8 @@ def _write(
     flavour: str | None = None
     target: ArchConfig | None = None
     weights: str | None = None
+    if fmt != "hybridlab":
+        check_layer_coverage(fmt, {spec.type for spec in arch.layers})
     written, refused = (arch, []) if fmt == "hybridlab" else drop_refused_layers(arch, fmt)
     if refused:
         if not lossy:

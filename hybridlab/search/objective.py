@@ -26,6 +26,7 @@ from hybridlab import code_version
 from hybridlab.checkpoint import MODEL_FILE
 from hybridlab.config import ArchConfig
 from hybridlab.cost import (
+    active_param_count,
     flops_per_token,
     inference_state_bytes,
     measure_tokens_per_second,
@@ -74,6 +75,7 @@ def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
     context = space.budgets.state_context
     return {
         "params": param_count(arch),
+        "active_params": active_param_count(arch),
         "flops_per_token": flops_per_token(arch, context),
         "state_bytes": inference_state_bytes(arch, context),
     }
@@ -309,6 +311,7 @@ class Objective:
             "pattern": arch.pattern if arch else None,
             "arch": arch.to_dict() if arch else None,
             "params": int(costs["params"]) if "params" in costs else None,
+            "active_params": int(costs["active_params"]) if "active_params" in costs else None,
             "flops_per_token": costs.get("flops_per_token"),
             "state_bytes": int(costs["state_bytes"]) if "state_bytes" in costs else None,
             "state_context": self.space.budgets.state_context if arch else None,

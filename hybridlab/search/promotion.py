@@ -531,7 +531,8 @@ def _record_run(engine, space: SearchSpace, task, study: str, number: int, rung:
               + (f"; resumed from step {result.resumed_from}" if result.resumed_from else ""))
     values = {
         "genome_hash": arch.canonical_hash(), "pattern": arch.pattern, "arch": arch.to_dict(),
-        "params": int(costs["params"]), "flops_per_token": costs["flops_per_token"],
+        "params": int(costs["params"]), "active_params": int(costs["active_params"]),
+        "flops_per_token": costs["flops_per_token"],
         "state_bytes": int(costs["state_bytes"]),
         "state_context": space.budgets.state_context, "tokens_per_second": None,
         "task": space.task, "task_fingerprint": fingerprint,

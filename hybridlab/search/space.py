@@ -22,7 +22,6 @@ from hybridlab.config import (
     ArchConfig,
     ConfigError,
     LayerSpec,
-    MLPSpec,
     line_for,
     load_yaml_with_lines,
     read_text_file,
@@ -78,6 +77,10 @@ class PatternRules:
     mlp_after_mixer: Literal["always", "never", "search"] = "search"
     # Periodic template: every k-th mixer is attention and the others are not ("1 in k").
     attention_every: int | None = None
+    # With mlp_after_mixer: always, the per-token layer after every k-th mixer is a
+    # mixture-of-experts MLP instead (Jamba: every other one, k = 2); k may be searched, and
+    # k = 0 places none (so a search can compare stacks with and without MoE).
+    moe_every: Param | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +98,7 @@ class ModelSpace:
 @dataclass(frozen=True, kw_only=True)
 class Budgets:
     max_params: int | None = None
+    max_active_params: int | None = None
     max_state_bytes: int | None = None
     state_context: int = 4096
     max_flops_per_token: float | None = None
@@ -253,15 +257,18 @@ class _Reader:
             self.one_of(item, f"{path}[{i}]", allowed)
         return tuple(items)
 
-    def param(self, value: Any, path: str, kind: type) -> Param:
-        """A search parameter: a fixed value, a list of choices, or {low, high[, step, log]}."""
+    def param(self, value: Any, path: str, kind: type,
+              words: tuple[str, ...] | None = None, *, zero: bool = False) -> Param:
+        """A search parameter: a fixed value, a list of choices, or {low, high[, step, log]};
+        ``words``: the values a word field takes (a list of them is its choices); ``zero``:
+        0 is a meaningful value (no shared expert), else every number is positive."""
         if isinstance(value, list):
             if not value:
                 raise self.error(path, "empty list of choices")
             for i, item in enumerate(value):
-                self._scalar(item, f"{path}[{i}]", kind)
+                self._scalar(item, f"{path}[{i}]", kind, words, zero=zero)
             return Choice(tuple(value))
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and words is None:
             self.mapping(value, path, ("low", "high", "step", "log"))
             for key in ("low", "high"):
                 if key not in value:
@@ -271,7 +278,7 @@ class _Reader:
                 raise self.error(f"{path}.log", f"must be true or false, got {log!r}")
             if kind is int:
                 # Every integer setting (widths, heads, states, depth) is positive.
-                low = self.integer(value["low"], f"{path}.low", minimum=1)
+                low = self.integer(value["low"], f"{path}.low", minimum=0 if zero else 1)
                 high = self.integer(value["high"], f"{path}.high")
                 step = self.integer(value.get("step", 1), f"{path}.step", minimum=1)
                 result: Param = IntRange(low, high, step, log)
@@ -280,6 +287,9 @@ class _Reader:
                 high = self.number(value["high"], f"{path}.high")
                 if "step" in value:
                     raise self.error(f"{path}.step", "only integer ranges take a step")
+                if low < 0 or (low == 0 and not zero):
+                    raise self.error(f"{path}.low",
+                                     f"must be {'>= 0' if zero else 'positive'}, got {low}")
                 result = FloatRange(low, high, log)
             if low > high:
                 raise self.error(path, f"low ({low}) > high ({high})")
@@ -288,21 +298,26 @@ class _Reader:
             if log and isinstance(result, IntRange) and result.step != 1:
                 raise self.error(f"{path}.step", "a log range cannot also have a step")
             return result
-        self._scalar(value, path, kind)
+        self._scalar(value, path, kind, words, zero=zero)
         return Choice((value,))
 
-    def _scalar(self, value: Any, path: str, kind: type) -> None:
+    def _scalar(self, value: Any, path: str, kind: type,
+                words: tuple[str, ...] | None = None, *, zero: bool = False) -> None:
+        if words is not None:
+            if value not in words:
+                raise self.error(path, f"must be one of {list(words)}, got {value!r}")
+            return
         if value is None:
             return
         if kind is bool:
             if not isinstance(value, bool):
                 raise self.error(path, f"must be true or false, got {value!r}")
         elif kind is int:
-            self.integer(value, path, minimum=1)
+            self.integer(value, path, minimum=0 if zero else 1)
         elif kind is float:
             self.number(value, path)
-            if value <= 0:
-                raise self.error(path, f"must be positive, got {value}")
+            if value < 0 or (value == 0 and not zero):
+                raise self.error(path, f"must be {'>= 0' if zero else 'positive'}, got {value}")
         elif kind is str and value != "auto":
             self.integer(value, path, minimum=1)
 
@@ -530,15 +545,19 @@ def _parse_model(r: _Reader, data: Any) -> ModelSpace:
     if not set(layer_types) & set(mixer_types()):
         raise r.error("model.layer_types", "needs at least one mixer type besides mlp")
     rules = _parse_rules(r, m.get("rules"), layer_types)
-    placed = set(layer_types) | ({"mlp"} if rules.mlp_after_mixer == "always" else set())
+    placed = (set(layer_types) | ({"mlp"} if rules.mlp_after_mixer == "always" else set())
+              | ({"moe"} if rules.moe_every is not None else set()))
     layer_params: dict[str, dict[str, Param]] = {}
     for kind in LAYER_TYPES:
         kinds = LAYER_TYPES[kind].spec.field_kinds()
         block = r.mapping(m.get(kind), f"model.{kind}", tuple(kinds))
         if block and kind not in placed:
             raise r.error(f"model.{kind}", f"settings for {kind!r}, which is not in layer_types")
+        spec = LAYER_TYPES[kind].spec
         layer_params[kind] = {
-            key: r.param(value, f"model.{kind}.{key}", kinds[key]) for key, value in block.items()
+            key: r.param(value, f"model.{kind}.{key}", kinds[key], spec.words.get(key),
+                         zero=key in spec.may_be_zero)
+            for key, value in block.items()
         }
     tie = m.get("tie_embeddings", True)
     share = m.get("share_layer_params", False)
@@ -619,7 +638,7 @@ def _range_pair(r: _Reader, value: Any, path: str, number: bool) -> tuple[Any, A
 
 def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> PatternRules:
     keys = ("attention_count", "attention_fraction", "first_layer", "last_layer",
-            "mlp_after_mixer", "attention_every")
+            "mlp_after_mixer", "attention_every", "moe_every")
     d = r.mapping(data, "model.rules", keys)
     count = _range_pair(r, d.get("attention_count", {}), "model.rules.attention_count", False)
     low_frac, high_frac = _range_pair(r, d.get("attention_fraction", {}),
@@ -636,9 +655,19 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
     if isinstance(mlp_mode, bool):
         mlp_mode = "always" if mlp_mode else "never"
     mlp_mode = r.one_of(mlp_mode, "model.rules.mlp_after_mixer", ("always", "never", "search"))
-    if mlp_mode != "search" and "mlp" in layer_types:
+    per_token = [t for t in layer_types if t not in mixer_types()]
+    if mlp_mode != "search" and per_token:
         raise r.error("model.rules.mlp_after_mixer",
-                      f"{mlp_mode!r} places MLPs itself; remove 'mlp' from layer_types")
+                      f"{mlp_mode!r} places the per-token layers itself; remove "
+                      f"{', '.join(map(repr, per_token))} from layer_types (rules.moe_every "
+                      "puts MoE in place of some MLPs)")
+    moe_every = None
+    if "moe_every" in d:
+        moe_every = _moe_every(r, d["moe_every"])
+        if mlp_mode != "always":
+            raise r.error("model.rules.moe_every", "replaces some of the MLPs that "
+                          "mlp_after_mixer: always places; with 'search', list 'moe' in "
+                          "layer_types instead")
     for key, chosen in (("first_layer", first), ("last_layer", last)):
         if chosen and mlp_mode == "always" and "mlp" in chosen and key == "first_layer":
             raise r.error(f"model.rules.{key}", "with mlp_after_mixer: always the first layer "
@@ -662,7 +691,19 @@ def _parse_rules(r: _Reader, data: Any, layer_types: tuple[str, ...]) -> Pattern
                       "'attention' is not in layer_types")
     return PatternRules(attention_count=count, attention_fraction=(low_frac, high_frac),
                         first_layer=first, last_layer=last, mlp_after_mixer=mlp_mode,
-                        attention_every=every)
+                        attention_every=every, moe_every=moe_every)
+
+
+def _moe_every(r: _Reader, value: Any) -> Param:
+    """An integer >= 0 (0: no MoE), a list of them, or {low, high}."""
+    path = "model.rules.moe_every"
+    if isinstance(value, Mapping):
+        return r.param(value, path, int)
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise r.error(path, "empty list of choices")
+    return Choice(tuple(r.integer(v, f"{path}[{i}]" if isinstance(value, list) else path,
+                                  minimum=0) for i, v in enumerate(values)))
 
 
 def _params_goal(r: _Reader, value: Any, path: str) -> int:
@@ -815,10 +856,13 @@ def _parse_promotion(r: _Reader, data: Any, space: SearchSpace) -> PromotionStag
 
 def _parse_budgets(r: _Reader, data: Any) -> Budgets:
     b = r.mapping(data, "budgets",
-                  ("max_params", "max_state_bytes", "state_context", "max_flops_per_token"))
+                  ("max_params", "max_active_params", "max_state_bytes", "state_context",
+                   "max_flops_per_token"))
     return Budgets(
         max_params=r.integer(b["max_params"], "budgets.max_params", minimum=1)
         if "max_params" in b else None,
+        max_active_params=r.integer(b["max_active_params"], "budgets.max_active_params",
+                                    minimum=1) if "max_active_params" in b else None,
         max_state_bytes=r.integer(b["max_state_bytes"], "budgets.max_state_bytes", minimum=1)
         if "max_state_bytes" in b else None,
         state_context=r.integer(b.get("state_context", 4096), "budgets.state_context", minimum=1),
@@ -1000,12 +1044,14 @@ def sample_architecture(trial: optuna.Trial, space: SearchSpace, vocab_size: int
                                       n_mixers=sum(t in mixer_types() for t in types))
     if reason is not None:
         raise Rejected(reason)
+    moe_every = (None if rules.moe_every is None
+                 else suggest(trial, "moe_every", rules.moe_every))
     layers: list[LayerSpec] = []
     for i, kind in enumerate(types):
         layers.append(_spec(trial, m, kind, i, d_model))
         if rules.mlp_after_mixer == "always":
-            layers.append(_spec(trial, m, "mlp", i, d_model) if m.layer_params.get("mlp")
-                          else MLPSpec())
+            after = "moe" if moe_every and (i + 1) % moe_every == 0 else "mlp"
+            layers.append(_spec(trial, m, after, i, d_model))
     try:
         return ArchConfig(d_model=d_model, vocab_size=vocab_size, layers=tuple(layers),
                           tie_embeddings=m.tie_embeddings)
@@ -1017,6 +1063,10 @@ def check_budgets(budgets: Budgets, costs: Mapping[str, float]) -> None:
     """Raise Rejected when a candidate's costs break a budget."""
     if budgets.max_params is not None and costs["params"] > budgets.max_params:
         raise Rejected(f"{int(costs['params'])} parameters > budget {budgets.max_params}")
+    if (budgets.max_active_params is not None
+            and costs["active_params"] > budgets.max_active_params):
+        raise Rejected(f"{int(costs['active_params'])} active parameters > budget "
+                       f"{budgets.max_active_params}")
     if budgets.max_state_bytes is not None and costs["state_bytes"] > budgets.max_state_bytes:
         raise Rejected(f"{int(costs['state_bytes'])} inference-state bytes at context "
                        f"{budgets.state_context} > budget {budgets.max_state_bytes}")

@@ -137,6 +137,7 @@ def create_tables(engine: Engine) -> None:
     concurrent creation can still fail, so callers that race hold the lock.
     """
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     _widen_columns(engine)
     with session_scope(engine) as session:
         versions = session.scalars(sa.select(SchemaVersion.version)).all()
@@ -147,6 +148,28 @@ def create_tables(engine: Engine) -> None:
                 f"database schema version {max(versions)} but this hybridlab writes version "
                 f"{SCHEMA_VERSION}; use a new database or migrate"
             )
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns that a model gained after an older hybridlab created its table.
+
+    ``create_all`` creates missing tables, never missing columns. A nullable column without a
+    default reads as NULL in the rows already there, which every reader takes as "not measured",
+    so adding it keeps the schema version. Concurrent callers hold :func:`creation_lock`.
+    """
+    inspector = sa.inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            if not column.nullable or column.server_default is not None:
+                raise StorageError(f"table {table.name} lacks column {column.name}, which "
+                                   "cannot be added in place; use a new database or migrate")
+            kind = column.type.compile(dialect=engine.dialect)
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'ALTER TABLE "{table.name}" ADD COLUMN '
+                                     f'"{column.name}" {kind}'))
 
 
 def _widen_columns(engine: Engine) -> None:

@@ -68,6 +68,8 @@ class Candidate(Base):
     pattern: Mapped[str | None] = mapped_column(sa.String(1024))
     arch: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     params: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # Added after schema version 1 was released: create_tables adds it to older databases.
+    active_params: Mapped[int | None] = mapped_column(sa.BigInteger)
     flops_per_token: Mapped[float | None]
     state_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     state_context: Mapped[int | None]

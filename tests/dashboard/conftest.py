@@ -19,7 +19,12 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba1Spec, Mamba2Spec
-from hybridlab.cost import flops_per_token, inference_state_bytes, param_count
+from hybridlab.cost import (
+    active_param_count,
+    flops_per_token,
+    inference_state_bytes,
+    param_count,
+)
 from hybridlab.store import (
     Candidate,
     CurvePoint,
@@ -90,7 +95,7 @@ def fill_synthetic_study(url: str, study: str = "demo") -> None:
     with session_scope(engine) as session:
         for number, (pattern, accuracy) in enumerate(SYNTHETIC):
             config = arch(pattern)
-            costs = {"params": param_count(config),
+            costs = {"params": param_count(config), "active_params": active_param_count(config),
                      "flops_per_token": flops_per_token(config, STATE_CONTEXT),
                      "state_bytes": inference_state_bytes(config, STATE_CONTEXT),
                      "tokens_per_second": 1e5 / len(pattern) * (1 + number)}
@@ -101,6 +106,7 @@ def fill_synthetic_study(url: str, study: str = "demo") -> None:
             session.add(Candidate(
                 study=study, trial=number, genome_hash=config.canonical_hash(), pattern=pattern,
                 arch=config.to_dict(), params=costs["params"],
+                active_params=costs["active_params"],
                 flops_per_token=costs["flops_per_token"], state_bytes=costs["state_bytes"],
                 state_context=STATE_CONTEXT, tokens_per_second=costs["tokens_per_second"],
                 task="mqar", task_fingerprint={"name": "mqar"}, code_version="test",

@@ -78,8 +78,9 @@ def test_json_endpoints(synthetic_app, client, synthetic):
     assert len(study["trials"]) == len(made) + 2
     assert set(study["trials"][0]) == {
         "number", "state", "status", "note", "reused_from", "seed", "values", "metrics", "pattern",
-        "layers", "depth", "attention_fraction", "params", "flops_per_token", "state_bytes",
-        "tokens_per_second", "started", "completed", "export_command", "curve_points"}
+        "layers", "depth", "attention_fraction", "params", "active_params", "flops_per_token",
+        "state_bytes", "tokens_per_second", "started", "completed", "export_command",
+        "curve_points"}
     assert set(study["trials"][0]["layers"][0]) == {"type", "symbol", "width", "d_state",
                                                    "state_bytes", "params", "spec"}
     curves = client(synthetic_app, "/hl/api/curves?study=demo&trials=1,2").json()

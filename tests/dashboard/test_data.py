@@ -140,7 +140,7 @@ def test_snapshot_of_a_study(synthetic_url: str, synthetic):
     expected = pareto_front(complete, ("maximize", "minimize"))
     assert snap["fronts"]["accuracy"]["state_bytes"] == expected
     assert set(snap["fronts"]["accuracy"]) == {"state_bytes", "params", "tokens_per_second",
-                                               "flops_per_token"}
+                                               "flops_per_token", "active_params"}
     assert len(snap["evaluations"]) == len(made)
     assert set(snap["evaluations"][0]) == {"trial", "task", "metric", "value", "stderr",
                                            "harness"}

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import optuna
@@ -146,7 +147,8 @@ def test_error_line_points_at_the_field(tmp_path):
     assert path.read_text().splitlines()[info.value.line - 1].strip() == "lr: -1"
 
 
-@pytest.mark.parametrize("name", ["quickstart", "mqar", "mad", "lm-small", "production-like"])
+@pytest.mark.parametrize("name", ["quickstart", "mqar", "mad", "lm-small", "production-like",
+                                  "moe-parallel", "moe-parallel-lm"])
 def test_shipped_spaces_load(name):
     space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
     assert space.name == name
@@ -301,3 +303,139 @@ def test_infeasible_attention_rules_are_still_refused(rules):
     with pytest.raises(ConfigError, match="attention_fraction") as info:
         parse_space(searched_mlp_space(rules, layer_types))
     assert info.value.field == "model.rules"
+
+
+def moe_space(rules: str, *, moe: str = "{n_experts: [2, 4], top_k: [1, 2]}") -> str:
+    text = mutate("depth: {low: 1, high: 2}", "depth: {low: 2, high: 6}").replace(
+        "mlp_after_mixer: never", f"mlp_after_mixer: always\n    {rules}")
+    return text.replace("  attention: {n_heads: 2}\n",
+                        f"  attention: {{n_heads: 2}}\n  moe: {moe}\n").replace(
+        "max_params: 100000", "max_params: 1000000")
+
+
+@pytest.mark.parametrize("every", [0, 1, 2, 3])
+def test_moe_every_puts_moe_in_place_of_every_kth_mlp(every):
+    archs, rejected = sample_many(moe_space(f"moe_every: {every}"), n=30, seed=every)
+    assert archs and not rejected
+    for arch in archs:
+        mixers, after = arch.pattern[::2], arch.pattern[1::2]
+        assert len(mixers) == len(after) and set(mixers) <= {"m", "M", "*"}
+        assert after == "".join("E" if every and (i + 1) % every == 0 else "-"
+                                for i in range(len(mixers))), arch.pattern
+        for spec in arch.layers:
+            if spec.type == "moe":
+                assert spec.n_experts in (2, 4) and spec.top_k in (1, 2)
+
+
+def test_fields_where_zero_means_none_may_be_searched_from_zero():
+    text = moe_space("moe_every: 1", moe="{n_shared_experts: [0, 2], z_loss_coef: [0.0, 0.01], "
+                     "balance_coef: {low: 0.0, high: 0.1}}")
+    archs, rejected = sample_many(text, n=30, seed=4)
+    assert archs and not rejected
+    specs = [s for a in archs for s in a.layers if s.type == "moe"]
+    assert {s.n_shared_experts for s in specs} == {0, 2}
+    assert {s.z_loss_coef for s in specs} == {0.0, 0.01}
+
+
+def test_moe_every_can_be_searched_and_is_recorded():
+    draws = draw(moe_space("moe_every: [0, 1, 2]"), 40, seed=3)
+    seen = set()
+    for params, arch in draws:
+        assert isinstance(arch, ArchConfig), arch
+        every = params["moe_every"]
+        seen.add(every)
+        assert arch.pattern[1::2] == "".join(
+            "E" if every and (i + 1) % every == 0 else "-" for i in range(arch.n_layers // 2))
+    assert seen == {0, 1, 2}
+
+
+def test_an_moe_whose_top_k_exceeds_its_experts_is_rejected_not_repaired():
+    text = moe_space("moe_every: 1", moe="{n_experts: [2, 4], top_k: [1, 3]}")
+    archs, rejected = sample_many(text, n=40, seed=0)
+    assert archs and rejected
+    assert all(spec.top_k <= spec.n_experts for a in archs for spec in a.layers
+               if spec.type == "moe")
+    assert all("top_k = 3 must be at most n_experts = 2" in r for r in rejected)
+
+
+@pytest.mark.parametrize(("text", "field", "words"), [
+    (moe_space("moe_every: -1"), "model.rules.moe_every", ">= 0"),
+    (moe_space("moe_every: {low: 0, high: 2}"), "model.rules.moe_every.low", ">= 1"),
+    (moe_space("moe_every: [2, two]"), "model.rules.moe_every[1]", "integer"),
+    (mutate("mlp_after_mixer: never", "mlp_after_mixer: never\n    moe_every: 2"),
+     "model.rules.moe_every", "mlp_after_mixer: always"),
+    (mutate("[mamba1, mamba2, attention]", "[mamba1, mamba2, attention, moe]"),
+     "model.rules.mlp_after_mixer", "remove 'moe'"),
+    (moe_space("moe_every: 2").replace("moe_every: 2", "attention_count: {max: 2}"),
+     "model.moe", "not in layer_types"),
+    (moe_space("moe_every: 1", moe="{n_experts: 2, top_k: [1, 3]}"),
+     "model.moe.top_k", "3 makes no valid moe layer"),
+    (moe_space("moe_every: 1", moe="{capacity: 2}"), "model.moe.capacity", "unknown field"),
+    (moe_space("moe_every: 1", moe="{n_shared_experts: [0, -1]}"),
+     "model.moe.n_shared_experts[1]", ">= 0"),
+    (moe_space("moe_every: 1", moe="{balance_coef: {low: -0.1, high: 0.1}}"),
+     "model.moe.balance_coef.low", ">= 0"),
+    (moe_space("moe_every: 1", moe="{expert_multiplier: 0.0}"),
+     "model.moe.expert_multiplier", "positive"),
+])
+def test_bad_moe_rules_name_the_field(text, field, words):
+    with pytest.raises(ConfigError) as err:
+        parse_space(text)
+    assert err.value.field == field and words in err.value.message, err.value
+
+
+def parallel_space(parallel: str) -> str:
+    return mutate("[mamba1, mamba2, attention]", "[mamba2, parallel]").replace(
+        "  attention: {n_heads: 2}\n", f"  parallel: {parallel}\n").replace(
+        "max_params: 100000", "max_params: 1000000").replace("  mamba1: {d_state: [4, 8]}\n", "")
+
+
+def test_parallel_blocks_are_sampled_with_their_branch_settings():
+    archs, rejected = sample_many(parallel_space(
+        "{ssm: [mamba2, mamba1], combine: [sum, mean], n_heads: [2, 4], d_state: [4, 8], "
+        "headdim: 16, chunk_size: 16}"), n=60, seed=2)
+    assert archs and not rejected
+    specs = [s for a in archs for s in a.layers if s.type == "parallel"]
+    assert {s.ssm for s in specs} == {"mamba2", "mamba1"}
+    assert {s.combine for s in specs} == {"sum", "mean"}
+    assert {s.n_heads for s in specs} == {2, 4} and {s.d_state for s in specs} == {4, 8}
+    assert all("P" in a.pattern or "M" in a.pattern for a in archs)
+
+
+@pytest.mark.parametrize(("parallel", "field", "words"), [
+    ("{ssm: [mamba2, mamba3]}", "model.parallel.ssm[1]", "must be one of"),
+    ("{combine: max}", "model.parallel.combine", "must be one of"),
+    ("{combine: {low: 1, high: 2}}", "model.parallel.combine", "must be one of"),
+    ("{n_heads: [2, 3], headdim: 16}", "model.parallel.n_heads", "3 makes no valid parallel"),
+])
+def test_bad_parallel_settings_name_the_field(parallel, field, words):
+    with pytest.raises(ConfigError) as err:
+        parse_space(parallel_space(parallel))
+    assert err.value.field == field and words in err.value.message, err.value
+
+
+def test_active_params_budget_counts_routed_experts_only():
+    # Every draw: 2 mixers, each followed by an 8-expert top-1 MoE; total parameters are far
+    # above the active-parameter budget, active ones straddle it by d_model.
+    text = moe_space("moe_every: 1", moe="{n_experts: 8, top_k: 1}").replace(
+        "depth: {low: 2, high: 6}", "depth: 2").replace("d_model: 32", "d_model: [32, 64]")
+    from hybridlab.cost import active_param_count, param_count
+    from hybridlab.search.objective import candidate_costs
+    from hybridlab.search.space import check_budgets
+
+    space = parse_space(text)
+    archs, _ = sample_many(text, n=20, seed=1)
+    small = min(active_param_count(a) for a in archs)
+    large = max(active_param_count(a) for a in archs)
+    assert small < large and all(param_count(a) > active_param_count(a) for a in archs)
+    budget = dataclasses.replace(space.budgets, max_active_params=small, max_params=None)
+    for arch in archs:
+        costs = candidate_costs(arch, space)
+        assert costs["active_params"] == active_param_count(arch)
+        if costs["active_params"] > small:
+            with pytest.raises(Rejected, match="active parameters > budget"):
+                check_budgets(budget, costs)
+        else:
+            check_budgets(budget, costs)
+    loaded = parse_space(text.replace("max_params: 1000000", "max_active_params: 5000"))
+    assert loaded.budgets.max_active_params == 5000

@@ -3,7 +3,14 @@ VARCHAR lengths, PostgreSQL refuses what exceeds them), and older databases are 
 
 import sqlalchemy as sa
 
-from hybridlab.store import Artifact, CurvePoint, create_tables, open_engine, transaction
+from hybridlab.store import (
+    Artifact,
+    Candidate,
+    CurvePoint,
+    create_tables,
+    open_engine,
+    transaction,
+)
 
 # A corpus task at a user path is named "corpus:<path>"; a suite prefixes curve splits with
 # the task's name ("mad:fuzzy_in_context_recall/test").
@@ -39,3 +46,25 @@ def test_create_tables_widens_the_columns_of_an_older_database(storage_url):
                    for c in sa.inspect(engine).get_columns(table)}
     assert columns["kind"] == Artifact.__table__.c.kind.type.length
     assert columns["split"] == CurvePoint.__table__.c.split.type.length
+
+
+def test_create_tables_adds_the_nullable_columns_an_older_database_lacks(storage_url):
+    """A study written before hl_candidate had active_params: its rows read as not measured,
+    new rows store the value, and nothing else changes."""
+    with open_engine(storage_url) as engine:
+        create_tables(engine)
+        row = dict(study="s", trial=0, task="mqar", task_fingerprint={}, code_version="v",
+                   status="trained", params=123)
+        transaction(engine, lambda session: session.add(Candidate(**row)))
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE hl_candidate DROP COLUMN active_params"))
+        assert "active_params" not in {
+            c["name"] for c in sa.inspect(engine).get_columns("hl_candidate")}
+        create_tables(engine)
+        create_tables(engine)  # idempotent
+        transaction(engine, lambda session: session.add(Candidate(
+            **{**row, "trial": 1, "active_params": 45})))
+        got = transaction(engine, lambda session: session.execute(
+            sa.select(Candidate.trial, Candidate.params, Candidate.active_params)
+            .order_by(Candidate.trial)).all())
+    assert [tuple(r) for r in got] == [(0, 123, None), (1, 123, 45)]
