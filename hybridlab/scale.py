@@ -48,11 +48,8 @@ from typing import Any, Literal, get_args
 
 from hybridlab.config import (
     ArchConfig,
-    AttentionSpec,
     ConfigError,
     LayerSpec,
-    Mamba1Spec,
-    Mamba2Spec,
 )
 from hybridlab.cost import ModelCost, cost_report, flops_per_token, param_count
 from hybridlab.units import UnitRule, format_bytes, format_count, format_scaled
@@ -264,41 +261,14 @@ def repeating_unit(layers: tuple[LayerSpec, ...]) -> tuple[LayerSpec, ...]:
     return layers
 
 
-def width_step(config: ArchConfig) -> int:
-    """Every multiple of this (at or above ``config.d_model``) is a d_model that a stretch keeps
-    valid: whole KV heads at fixed head_dim, whole Mamba-2 heads in whole groups."""
-    d = config.d_model
-    step = 1
-    for spec in config.layers:
-        if isinstance(spec, AttentionSpec):
-            # kv * d_new / d must be whole; then n_heads = GQA ratio * kv is too.
-            step = math.lcm(step, d // math.gcd(d, spec.kv_heads()))
-        elif isinstance(spec, Mamba2Spec):
-            per_group = spec.headdim * spec.ngroups
-            step = math.lcm(step, per_group // math.gcd(per_group, spec.expand))
-    return step
-
-
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def stretch_layer(spec: LayerSpec, *, d_from: int, d_to: int, scale_d_state: bool) -> LayerSpec:
-    """``spec`` at width ``d_to`` instead of ``d_from`` (``d_to`` on ``width_step``'s lattice)."""
-    ratio = d_to / d_from
-    if isinstance(spec, AttentionSpec):
-        kv = spec.kv_heads() * d_to // d_from
-        group = spec.n_heads // spec.kv_heads()
-        return dataclasses.replace(spec, n_heads=kv * group,
-                                   n_kv_heads=None if spec.n_kv_heads is None else kv)
-    if isinstance(spec, Mamba1Spec | Mamba2Spec):
-        changes: dict[str, Any] = {}
-        if scale_d_state:
-            changes["d_state"] = max(1, _round_half_up(spec.d_state * ratio))
-        if isinstance(spec, Mamba1Spec) and spec.dt_rank != "auto":
-            changes["dt_rank"] = math.ceil(int(spec.dt_rank) * d_to / d_from)
-        return dataclasses.replace(spec, **changes)
-    return spec
+def width_step(config: ArchConfig) -> int:
+    """Every multiple of this (at or above ``config.d_model``) is a d_model that a stretch keeps
+    valid: the least common multiple of the layers' own steps (``LayerSpec.width_step``)."""
+    return math.lcm(1, *(spec.width_step(config.d_model) for spec in config.layers))
 
 
 @dataclass(frozen=True)
@@ -329,7 +299,7 @@ class _Grower:
         return self.d_model + index * self.step
 
     def build(self, shape: _Shape) -> ArchConfig:
-        unit = tuple(stretch_layer(spec, d_from=self.d_model, d_to=shape.d_model,
+        unit = tuple(spec.stretched(d_from=self.d_model, d_to=shape.d_model,
                                    scale_d_state=self.scale_d_state) for spec in self.unit)
         return dataclasses.replace(self.source, d_model=shape.d_model,
                                    layers=unit * shape.repeats)

@@ -19,6 +19,7 @@ from hybridlab.config import (
     MLPSpec,
 )
 from hybridlab.cost import flops_per_token, param_count
+from hybridlab.layers import MoESpec, ParallelSpec
 from hybridlab.model import HybridLM
 from hybridlab.scale import (
     MAX_LAYERS,
@@ -53,6 +54,12 @@ def sources() -> dict[str, ArchConfig]:
             Mamba2Spec(d_state=8, headdim=16), Mamba1Spec(d_state=4),
             AttentionSpec(n_heads=2, n_kv_heads=1), Mamba2Spec(d_state=64, headdim=8),
             MLPSpec(multiplier=3.0, multiple_of=8))),
+        "parallel-moe": ArchConfig.from_pattern(
+            "PE*-PE", d_model=64, vocab_size=64,
+            parallel=ParallelSpec(n_heads=4, n_kv_heads=2, d_state=16, headdim=16, expand=1,
+                                  chunk_size=16, combine="mean"),
+            moe=MoESpec(n_experts=4, top_k=2, n_shared_experts=1),
+            attention=AttentionSpec(n_heads=2)),
     }
 
 
@@ -82,6 +89,15 @@ def reference_stretch(source: ArchConfig, d: int) -> ArchConfig | None:
     ratio = Fraction(d, source.d_model)
     layers = []
     for spec in source.layers:
+        if isinstance(spec, ParallelSpec):  # its attention branch as attention, SSM as SSM
+            attention = reference_stretch(
+                dataclasses.replace(source, layers=(spec.attention_spec(),)), d)
+            if attention is None:
+                return None
+            heads = attention.layers[0]
+            layers.append(dataclasses.replace(spec, n_heads=heads.n_heads,
+                                              n_kv_heads=heads.n_kv_heads))
+            continue
         if isinstance(spec, AttentionSpec):
             heads, kv = spec.n_heads * ratio, spec.kv_heads() * ratio
             if heads.denominator != 1 or kv.denominator != 1:
@@ -192,6 +208,14 @@ def test_stretch_is_the_nearest_valid_width_and_keeps_every_layer_rule(name, goa
         elif isinstance(before, Mamba1Spec):
             assert after.d_state == before.d_state
             assert after.d_inner(config.d_model) == before.expand * config.d_model
+        elif isinstance(before, ParallelSpec):
+            a, b = after.attention_spec(), before.attention_spec()
+            assert a.resolved_head_dim(config.d_model) == b.resolved_head_dim(source.d_model)
+            assert a.n_heads == b.n_heads * ratio and a.kv_heads() == b.kv_heads() * ratio
+            assert after.ssm_spec().nheads(config.d_model) == before.ssm_spec().nheads(
+                source.d_model) * ratio
+            assert dataclasses.replace(after, n_heads=b.n_heads, n_kv_heads=b.n_kv_heads) == (
+                before)
         else:
             assert after == before  # the multiplier applies to the new d_model
     for kept in ("vocab_size", "tie_embeddings", "norm_eps"):
@@ -214,7 +238,7 @@ def test_scale_d_state_grows_the_state_with_width(name):
     scaled = scale(source, Target(d_model=source.d_model * 4), strategy="stretch",
                    scale_d_state=True).config
     for before, after in zip(source.layers, scaled.layers, strict=True):
-        if isinstance(before, Mamba1Spec | Mamba2Spec):
+        if isinstance(before, Mamba1Spec | Mamba2Spec | ParallelSpec):
             assert after.d_state == 4 * before.d_state
 
 

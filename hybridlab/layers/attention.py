@@ -8,9 +8,11 @@ one, and forcing an unavailable one is an error, not a fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -91,6 +93,16 @@ class AttentionSpec(LayerSpec):
 
     def width(self, d_model: int) -> int:
         return self.n_heads * self.resolved_head_dim(d_model)
+
+    def width_step(self, d_model: int) -> int:
+        # kv * d_new / d must be whole; then n_heads = GQA ratio * kv is too.
+        return d_model // math.gcd(d_model, self.kv_heads())
+
+    def stretched(self, *, d_from: int, d_to: int, scale_d_state: bool) -> AttentionSpec:
+        kv = self.kv_heads() * d_to // d_from
+        group = self.n_heads // self.kv_heads()
+        return dataclasses.replace(self, n_heads=kv * group,
+                                   n_kv_heads=None if self.n_kv_heads is None else kv)
 
 
 def attended_keys(context: int, window: int | None, *, decode: bool = False) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -62,6 +63,19 @@ class Mamba1Spec(LayerSpec):
 
     def width(self, d_model: int) -> int:
         return self.d_inner(d_model)
+
+    def stretched(self, *, d_from: int, d_to: int, scale_d_state: bool) -> Mamba1Spec:
+        changes: dict[str, Any] = {}
+        if scale_d_state:
+            changes["d_state"] = scaled_state(self.d_state, d_to / d_from)
+        if self.dt_rank != "auto":
+            changes["dt_rank"] = math.ceil(int(self.dt_rank) * d_to / d_from)
+        return dataclasses.replace(self, **changes)
+
+
+def scaled_state(d_state: int, ratio: float) -> int:
+    """A stretch's state size: ``d_state * ratio`` rounded half up, at least 1."""
+    return max(1, math.floor(d_state * ratio + 0.5))
 
 
 class Mamba1(nn.Module):

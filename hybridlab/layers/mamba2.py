@@ -6,6 +6,8 @@ head; the output goes through a gated RMSNorm before ``out_proj``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +19,7 @@ from hybridlab.cache import MambaCache
 from hybridlab.errors import ConfigError
 from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
 from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
-from hybridlab.layers.mamba1 import SSM_STATE_BYTES
+from hybridlab.layers.mamba1 import SSM_STATE_BYTES, scaled_state
 from hybridlab.layers.norm import RMSNormGated
 from hybridlab.layers.registry import LayerType, register
 from hybridlab.layers.spec import LayerSpec
@@ -86,6 +88,16 @@ class Mamba2Spec(LayerSpec):
 
     def width(self, d_model: int) -> int:
         return self.d_inner(d_model)
+
+    def width_step(self, d_model: int) -> int:
+        # expand * d_new must hold whole heads in whole groups.
+        per_group = self.headdim * self.ngroups
+        return per_group // math.gcd(per_group, self.expand)
+
+    def stretched(self, *, d_from: int, d_to: int, scale_d_state: bool) -> Mamba2Spec:
+        if not scale_d_state:
+            return self
+        return dataclasses.replace(self, d_state=scaled_state(self.d_state, d_to / d_from))
 
 class Mamba2(nn.Module):
     no_weight_decay = ("A_log", "D", "dt_bias")

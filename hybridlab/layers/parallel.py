@@ -20,6 +20,8 @@ plus the mean's two norm weights.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -107,6 +109,16 @@ class ParallelSpec(LayerSpec):
 
     def width(self, d_model: int) -> int:
         return sum(s.width(d_model) for s in self.branches())
+
+    def width_step(self, d_model: int) -> int:
+        return math.lcm(*(s.width_step(d_model) for s in self.branches()))
+
+    def stretched(self, *, d_from: int, d_to: int, scale_d_state: bool) -> ParallelSpec:
+        attention, ssm = (s.stretched(d_from=d_from, d_to=d_to, scale_d_state=scale_d_state)
+                          for s in self.branches())
+        return dataclasses.replace(
+            self, n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads,
+            d_state=ssm.d_state, dt_rank=getattr(ssm, "dt_rank", self.dt_rank))
 
 
 @dataclass

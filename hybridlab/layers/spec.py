@@ -115,6 +115,17 @@ class LayerSpec:
         """The layer's inner width, for drawing."""
         return d_model
 
+    # Scaling (hybridlab.scale): a stretch widens d_model and resizes what is tied to it.
+    def width_step(self, d_model: int) -> int:
+        """Every multiple of this at or above ``d_model`` is a width at which ``stretched``
+        gives a valid layer; 1 (the default) for a layer whose sizes follow d_model freely."""
+        return 1
+
+    def stretched(self, *, d_from: int, d_to: int, scale_d_state: bool) -> LayerSpec:
+        """This layer at width ``d_to`` instead of ``d_from`` (on ``width_step``'s lattice);
+        unchanged by default (sizes given relative to d_model, such as multipliers)."""
+        return self
+
 
 def check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in data:

@@ -43,7 +43,7 @@ from hybridlab import code_version
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, LayerSpec
 from hybridlab.data.tasks import make_task
 from hybridlab.errors import HybridlabError
-from hybridlab.layers import LAYER_TYPES
+from hybridlab.layers import LAYER_TYPES, mixer_types
 from hybridlab.metrics import METRICS
 from hybridlab.model import HybridLM
 from hybridlab.scale import Scaled, ScaleError, Target, scale
@@ -148,13 +148,15 @@ def promotion_sources(study: optuna.Study, name: str, url: str,
 
 
 def baseline(arch: ArchConfig, role: PromotionRole, space: SearchSpace) -> ArchConfig:
-    """``arch`` with every mixer made attention (transformer) or Mamba (ssm); MLPs stay."""
+    """``arch`` with every mixer made attention (transformer) or Mamba (ssm); per-token layers
+    (MLP, MoE) stay."""
     if role == PromotionRole.TRANSFORMER:
-        swap = ("mamba1", "mamba2")
-        replacement = _first_spec(arch, ("attention",), space, arch.d_model)
+        keep: tuple[str, ...] = ("attention",)
+        replacement = _first_spec(arch, keep, space, arch.d_model)
     else:
-        swap = ("attention",)
-        replacement = _first_spec(arch, ("mamba2", "mamba1"), space, arch.d_model)
+        keep = ("mamba2", "mamba1")
+        replacement = _first_spec(arch, keep, space, arch.d_model)
+    swap = tuple(kind for kind in mixer_types() if kind not in keep)
     layers = tuple(replacement if layer.type in swap else layer for layer in arch.layers)
     return replace(arch, layers=layers)
 

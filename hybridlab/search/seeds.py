@@ -45,9 +45,9 @@ from hybridlab.config import (
     LayerSpec,
     Mamba1Spec,
     Mamba2Spec,
-    MLPSpec,
 )
 from hybridlab.cost import param_count
+from hybridlab.layers import layer_type
 from hybridlab.scale import MAX_LAYERS, PARAMS, Target, repeating_unit, scale
 from hybridlab.search.objective import candidate_costs
 from hybridlab.search.space import (
@@ -112,7 +112,8 @@ def sized(spec: LayerSpec, space: SearchSpace) -> LayerSpec:
     """``spec`` with the space's sizes for its type (the design's shape kept); see the module
     docstring for which settings are which."""
     given = space.model.layer_params.get(spec.type, {})
-    sizes = {key: middle(given[key]) for key in SIZES[spec.type] if key in given}
+    # A type without sizing rules here (MoE, parallel blocks) keeps the design's settings.
+    sizes = {key: middle(given[key]) for key in SIZES.get(spec.type, ()) if key in given}
     defaults = type(spec)()
     if isinstance(spec, Mamba1Spec | Mamba2Spec):
         return replace(spec, **{key: sizes.get(key, getattr(defaults, key))
@@ -126,11 +127,11 @@ def sized(spec: LayerSpec, space: SearchSpace) -> LayerSpec:
 
 
 def blocks(layers: Sequence[LayerSpec]) -> tuple[Block, ...]:
-    """The layers grouped as mixer-led blocks: a mixer and the MLPs right after it (MLPs that
-    open the stack form a block of their own)."""
+    """The layers grouped as mixer-led blocks: a mixer and the per-token layers (MLP, MoE) right
+    after it (per-token layers that open the stack form a block of their own)."""
     grouped: list[list[LayerSpec]] = []
     for spec in layers:
-        if isinstance(spec, MLPSpec) and grouped:
+        if not layer_type(spec).mixes_sequence and grouped:
             grouped[-1].append(spec)
         else:
             grouped.append([spec])

@@ -16,6 +16,7 @@ from optuna.trial import TrialState, create_trial
 from hybridlab import code_version
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba1Spec, Mamba2Spec, MLPSpec
 from hybridlab.cost import param_count
+from hybridlab.layers import MoESpec, ParallelSpec
 from hybridlab.search.promotion import (
     KEY_ATTR,
     baseline,
@@ -131,6 +132,13 @@ def test_baselines_swap_every_mixer_and_keep_the_rest(corpus, tmp_path):
                                    mamba2=Mamba2Spec(d_state=8, headdim=16))
     # No attention layer to copy: the space's attention settings (n_heads: 2).
     assert baseline(pure, PromotionRole.TRANSFORMER, space).layers[0] == AttentionSpec(n_heads=2)
+    # Parallel blocks are mixers too (swapped by both baselines); MoE layers are per-token.
+    mixed = ArchConfig.from_pattern(
+        "PE*-M-", d_model=32, vocab_size=256, mamba2=Mamba2Spec(d_state=8, headdim=16),
+        parallel=ParallelSpec(n_heads=2, d_state=8, headdim=16), attention=AttentionSpec(
+            n_heads=4), moe=MoESpec(n_experts=4))
+    assert baseline(mixed, PromotionRole.TRANSFORMER, space).pattern == "*E*-*-"
+    assert baseline(mixed, PromotionRole.SSM, space).pattern == "MEM-M-"
 
 
 def test_promoted_runs_link_to_their_sources_and_rerun_skips_them(corpus, tmp_path):
