@@ -149,11 +149,14 @@ class MoE(nn.Module):
         token_of = order // self.top_k
         rows = tokens[token_of]  # (T * k, d), grouped by expert
         outputs = []
+        # unbind: one backward node stacks the experts' gradients, where indexing w1[e] per
+        # expert would accumulate a full-size zero-padded gradient per expert.
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
         for e, part in enumerate(rows.split(counts.tolist())):
             if part.shape[0] == 0:
                 continue
-            value, gate = F.linear(part, self.w1[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(value * F.silu(gate), self.w2[e]))
+            value, gate = F.linear(part, w1[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(value * F.silu(gate), w2[e]))
         if outputs:
             routed = torch.cat(outputs)
             routed = routed * weights.reshape(-1)[order, None].to(routed.dtype)
