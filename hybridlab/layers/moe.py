@@ -187,6 +187,8 @@ register(LayerType(
         "hf": "no HF flavour for MoE yet (NemotronH's MoE routes by sigmoid with grouped top-k "
               "and a score-correction bias, not this softmax top-k; GraniteMoeHybrid puts an MoE "
               "in every block)",
-        "megatron": "MoE export to Megatron not yet written",
+        "megatron": "not written yet: Megatron's E layers take --num-experts, the router and "
+                    "expert-width settings of its TransformerConfig and grouped expert weights, "
+                    "which hybridlab does not write or map",
     },
 ))
