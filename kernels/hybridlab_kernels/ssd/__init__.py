@@ -6,11 +6,11 @@ from torch import Tensor
 
 from .._common import check_grouped, check_same_shape, check_shape
 from ..dispatch import kernel_backend
-from .chunked import ssd_chunked
+from .chunked import ssd_chunked, ssd_chunked_decay
 from .naive import ssd_ref
 from .step import check_head_skip, ssd_state_update
 
-__all__ = ["ssd", "ssd_chunked", "ssd_ref", "ssd_state_update"]
+__all__ = ["ssd", "ssd_chunked", "ssd_chunked_decay", "ssd_ref", "ssd_state_update"]
 
 _OP = "ssd"
 

@@ -75,14 +75,39 @@ def ssd_chunked(
             None if t is None else t.to(dtype) for t in (D, z, dt_bias, initial_state)
         )
         y, final_state = _SSD.apply(
-            x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size
+            x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, chunk_size, None
         )
     y = y.to(out_dtype)
     return (y, final_state) if return_final_state else y
 
 
+def ssd_chunked_decay(
+    x: Tensor,
+    dt: Tensor,
+    log_decay: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 64,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SSD whose decay is given per step and head, not as dt * A with A fixed per head.
+
+    h_t = exp(log_decay_t) * h_{t-1} + dt_t * x_t ⊗ B_t, y_t = h_t · C_t: Mamba-3's scan, whose
+    A is data-dependent. x: (batch, L, H, P); dt, log_decay: (batch, L, H), log_decay <= 0;
+    B, C: (batch, L, G, N); initial_state: (batch, H, P, N). Inputs already in the compute
+    dtype, autocast off (the caller's job). Returns y (batch, L, H, P) and the final state.
+    Gradients reach every input, log_decay included, through the same hand-written backward.
+    """
+    return _SSD.apply(
+        x, dt, None, B, C, None, None, None, initial_state, False, chunk_size, log_decay
+    )
+
+
 class _SSD(torch.autograd.Function):
     """The whole op (dt prologue, chunked scan, D skip, z gate) with its backward written out.
+
+    The decay of a step is exp(dt * A), or exp(log_decay) when A is None and log_decay is given.
 
     Inside, x-like tensors are (batch * nc, G, T, R, P), B and C (batch * nc, G, T, N), per-step
     scalars (batch * nc, G, T, R) and states (batch * (nc + 1), G, N, R, P): row by row, the
@@ -103,6 +128,7 @@ class _SSD(torch.autograd.Function):
         initial_state: Tensor | None,
         softplus: bool,
         chunk_size: int,
+        log_decay: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         batch, L, H, P = x.shape
         G = B.shape[2]
@@ -113,7 +139,11 @@ class _SSD(torch.autograd.Function):
         dt = F.softplus(pre) if softplus else pre
         dt_c = _to_chunks(dt.view(batch, L, G, R), T).contiguous()
         B_c, C_c = _to_chunks(B, T).contiguous(), _to_chunks(C, T).contiguous()
-        cs = _chunk_cumsum(dt_c * A.view(G, 1, R))  # (batch * nc, G, T, R)
+        if A is None:
+            dA_c = _to_chunks(log_decay.view(batch, L, G, R), T)
+        else:
+            dA_c = dt_c * A.view(G, 1, R)
+        cs = _chunk_cumsum(dA_c)  # (batch * nc, G, T, R)
         h0 = None if initial_state is None else _state_to_nrp(initial_state, G)
 
         # y and the scan's own output (y before D and the gate, y itself without them) are
@@ -170,8 +200,13 @@ class _SSD(torch.autograd.Function):
 
         # cs is a cumulative sum over the chunk, so its inputs take reversed cumulative sums
         d_dA = _chunk_cumsum(d_cs.flip(2)).flip(2)  # (batch * nc, G, T, R)
-        ddt_c.addcmul_(d_dA, A.view(G, 1, R))
-        dA = (d_dA * dt_c).sum((0, 2)).view(H) if needs[2] else None
+        dA = d_log_decay = None
+        if A is None:
+            if needs[11]:
+                d_log_decay = _from_chunks(d_dA, batch, L).reshape(batch, L, H)
+        else:
+            ddt_c.addcmul_(d_dA, A.view(G, 1, R))
+            dA = (d_dA * dt_c).sum((0, 2)).view(H) if needs[2] else None
         ddt = _from_chunks(ddt_c, batch, L).reshape(batch, L, H)
         if ctx.softplus:
             # autograd's own softplus derivative, so that the threshold (linear above 20) matches
@@ -191,6 +226,7 @@ class _SSD(torch.autograd.Function):
             _state_from_nrp(dh0) if needs[8] else None,
             None,
             None,
+            d_log_decay,
         )
 
 
