@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help=train_command.__doc__, description=train_command.__doc__)
     t.add_argument("arch", help="architecture file or preset name")
     t.add_argument("--task", required=True,
-                   help="mqar | mad:<task> | corpus | corpus:<path to text, folder or JSONL>")
+                   help="mqar | mad:<task> | state:<task> | corpus | "
+                        "corpus:<path to text, folder or JSONL>")
     t.add_argument("--steps", type=int, help="training steps (overrides the train config)")
     t.add_argument("--config", help="YAML file of train settings (see hybridlab.train.TrainConfig)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

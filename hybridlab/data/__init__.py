@@ -10,6 +10,15 @@ from hybridlab.data.corpus import (
     load_corpus,
     tokenize_corpus,
 )
+from hybridlab.data.state_tracking import (
+    STATE_TASKS,
+    ModularAddition,
+    ModularAdditionConfig,
+    Parity,
+    ParityConfig,
+    Permutation,
+    PermutationConfig,
+)
 from hybridlab.data.synthetic import (
     MAD_TASKS,
     MQAR,
@@ -43,6 +52,7 @@ __all__ = [
     "MAD_TASKS",
     "MQAR",
     "SPECS",
+    "STATE_TASKS",
     "BPETokenizer",
     "Batch",
     "ByteTokenizer",
@@ -59,8 +69,14 @@ __all__ = [
     "MQARConfig",
     "Memorization",
     "MemorizationConfig",
+    "ModularAddition",
+    "ModularAdditionConfig",
     "NoisyInContextRecall",
     "NoisyInContextRecallConfig",
+    "Parity",
+    "ParityConfig",
+    "Permutation",
+    "PermutationConfig",
     "SelectiveCopying",
     "SelectiveCopyingConfig",
     "SyntheticTask",

@@ -78,6 +78,8 @@ def _check_config(config: Any) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind == "float":
             ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
         else:
             raise TypeError(f"{type(config).__name__}.{f.name}: unsupported knob type {kind}")
         if not ok:

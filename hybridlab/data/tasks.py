@@ -6,10 +6,12 @@ import dataclasses
 from typing import Any
 
 from hybridlab.data.corpus import CorpusConfig, CorpusTask
+from hybridlab.data.state_tracking import STATE_TASKS
 from hybridlab.data.synthetic import MAD_TASKS, MQAR, SyntheticTask
 from hybridlab.data.task import TaskData
 
-SPECS = ("mqar", *(f"mad:{name}" for name in MAD_TASKS), "corpus", "corpus:<path>")
+SPECS = ("mqar", *(f"mad:{name}" for name in MAD_TASKS),
+         *(f"state:{name}" for name in STATE_TASKS), "corpus", "corpus:<path>")
 
 
 def _config(cls: type, spec: str, overrides: dict[str, Any]) -> Any:
@@ -38,6 +40,10 @@ def _task_class(spec: str) -> type[SyntheticTask] | None:
         name = spec.removeprefix("mad:").replace("-", "_")
         if name in MAD_TASKS:
             return MAD_TASKS[name]
+    if spec.startswith("state:"):
+        name = spec.removeprefix("state:").replace("-", "_")
+        if name in STATE_TASKS:
+            return STATE_TASKS[name]
     return None
 
 
@@ -54,7 +60,8 @@ def make_task(spec: str, *, seed: int, **overrides: Any) -> TaskData:
     """Build a task from its spec and knob overrides.
 
     ``spec``: "mqar", "mad:<task>" (in_context_recall, fuzzy_in_context_recall,
-    noisy_in_context_recall, selective_copying, compression, memorization), "corpus" (the
+    noisy_in_context_recall, selective_copying, compression, memorization), "state:<task>"
+    (parity, modular_addition, permutation: see ``state_tracking``), "corpus" (the
     default offline corpus) or "corpus:<path>" (a text file, a folder of text files, or JSONL).
     ``overrides`` set the knobs of the task's config (``task_knobs(spec)`` lists them). ``seed``
     fixes a synthetic task's data; a corpus split does not depend on it.

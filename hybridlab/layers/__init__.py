@@ -6,6 +6,7 @@ from __future__ import annotations
 from hybridlab.layers.attention import Attention, AttentionSpec, attention_backend
 from hybridlab.layers.mamba1 import Mamba1, Mamba1Spec
 from hybridlab.layers.mamba2 import Mamba2, Mamba2Spec
+from hybridlab.layers.mamba3 import Mamba3, Mamba3Spec
 from hybridlab.layers.mlp import GatedMLP, MLPSpec
 from hybridlab.layers.moe import MoE, MoESpec
 from hybridlab.layers.norm import RMSNorm, RMSNormGated
@@ -33,6 +34,8 @@ __all__ = [
     "Mamba1Spec",
     "Mamba2",
     "Mamba2Spec",
+    "Mamba3",
+    "Mamba3Spec",
     "MoE",
     "MoESpec",
     "Parallel",

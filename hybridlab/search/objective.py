@@ -32,6 +32,7 @@ from hybridlab.cost import (
     measure_tokens_per_second,
     param_count,
 )
+from hybridlab.data.state_tracking import STATE_TASKS
 from hybridlab.data.synthetic import MAD_TASKS
 from hybridlab.data.task import TaskData
 from hybridlab.data.tasks import make_task
@@ -57,7 +58,8 @@ from hybridlab.store import (
 )
 from hybridlab.train import TrainConfig, TrainResult, settings_key, train
 
-SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS)}
+SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS),
+          "state:all": tuple(f"state:{name}" for name in STATE_TASKS)}
 # User attributes of an enqueued seed trial (``hybridlab.search.seeds``): the seed's name, the
 # architecture to train instead of a sampled one, where it came from and how it was sized.
 SEED_ATTR = "seed"

@@ -346,7 +346,8 @@ def parse_space(
 
     task_data = r.mapping(top.get("task"), "task", ("name", "options"))
     if "name" not in task_data:
-        raise r.error("task.name", "missing (mqar | mad:<task> | corpus | corpus:<path>)")
+        raise r.error("task.name",
+                      "missing (mqar | mad:<task> | state:<task> | corpus | corpus:<path>)")
     task = task_data["name"]
     if not isinstance(task, str):
         raise r.error("task.name", f"must be a string, got {task!r}")

@@ -2,15 +2,51 @@
 
 The tables stand without mamba_ssm installed (it is a CUDA package; tests/export/
 test_mamba_ssm_runs.py runs it on CPU where .ci/mamba-ssm-cpu.sh installed it). They are transcribed
-from mamba_ssm/modules/mamba_simple.py (Mamba), mamba2.py (Mamba2), mha.py (MHA with
-qkv_proj_bias=False, out_proj_bias=False) and mlp.py (GatedMLP, bias=False) for the settings named
-in each case.
+from mamba_ssm/modules/mamba_simple.py (Mamba), mamba2.py (Mamba2), mamba3.py (Mamba3 with
+is_outproj_norm=False), mha.py (MHA with qkv_proj_bias=False, out_proj_bias=False) and mlp.py
+(GatedMLP, bias=False) for the settings named in each case. The Mamba3 cases are also checked
+against mamba_ssm's module itself where it is installed.
 """
+
+import importlib.util
+import sys
+import types
 
 import pytest
 
 from hybridlab.config import AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
-from hybridlab.layers import build_layer
+from hybridlab.layers import Mamba3Spec, build_layer
+
+MAMBA3_CASES = [
+    # Mamba3(d_model=64, d_state=32, expand=2, headdim=16): d_inner 128, nheads 8,
+    # rope_fraction 0.5 -> 8 angles; in_proj 2*128 + 2*32 + 3*8 + 8 = 352
+    (64, Mamba3Spec(d_state=32, headdim=16), {
+        "dt_bias": (8,),
+        "B_bias": (8, 1, 32),
+        "C_bias": (8, 1, 32),
+        "D": (8,),
+        "in_proj.weight": (352, 64),
+        "B_norm.weight": (32,),
+        "C_norm.weight": (32,),
+        "out_proj.weight": (64, 128),
+    }),
+    # Mamba3(d_model=48, d_state=16, expand=2, headdim=24, ngroups=2, rope_fraction=1.0,
+    # is_mimo=True, mimo_rank=2): d_inner 96, nheads 4, 8 angles;
+    # in_proj 2*96 + 2*16*2*2 + 3*4 + 8 = 340
+    (48, Mamba3Spec(d_state=16, headdim=24, ngroups=2, rope_fraction=1.0, mimo_rank=2), {
+        "dt_bias": (4,),
+        "B_bias": (4, 2, 16),
+        "C_bias": (4, 2, 16),
+        "mimo_x": (4, 2, 24),
+        "mimo_z": (4, 2, 24),
+        "mimo_o": (4, 2, 24),
+        "D": (4,),
+        "in_proj.weight": (340, 48),
+        "B_norm.weight": (16,),
+        "C_norm.weight": (16,),
+        "out_proj.weight": (48, 96),
+    }),
+]
 
 CASES = [
     # Mamba(d_model=64, d_state=16, d_conv=4, expand=2): d_inner 128, dt_rank ceil(64/16) = 4
@@ -71,6 +107,7 @@ CASES = [
         "fc1.weight": (352, 64),
         "fc2.weight": (64, 176),
     }),
+    *MAMBA3_CASES,
 ]
 
 
@@ -79,3 +116,23 @@ def test_names_and_shapes_match_mamba_ssm(d_model, spec, expected):
     mixer = build_layer(spec, d_model)
     got = {name: tuple(t.shape) for name, t in mixer.state_dict().items()}
     assert got == expected
+
+
+@pytest.mark.parametrize(("d_model", "spec", "expected"), MAMBA3_CASES)
+def test_mamba3_table_is_mamba_ssm_own(d_model, spec, expected, monkeypatch):
+    """mamba_ssm's Mamba3 built with the same settings has the table's names and shapes."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        pytest.skip("mamba_ssm is not installed (.ci/mamba-ssm-cpu.sh installs it)")
+    pytest.importorskip("triton")
+    # mamba_ssm's package import pulls its CUDA selective-scan extension; nothing here runs it
+    if "selective_scan_cuda" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("x"))
+    mamba3 = pytest.importorskip("mamba_ssm.modules.mamba3")
+    # its MIMO constructor only checks that the TileLang kernel imported; nothing here runs it
+    monkeypatch.setattr(mamba3, "mamba3_mimo_combined", object(), raising=False)
+    module = mamba3.Mamba3(
+        d_model, d_state=spec.d_state, expand=spec.expand, headdim=spec.headdim,
+        ngroups=spec.ngroups, rope_fraction=spec.rope_fraction, is_mimo=spec.mimo_rank > 1,
+        mimo_rank=spec.mimo_rank,
+    )
+    assert {name: tuple(t.shape) for name, t in module.state_dict().items()} == expected
