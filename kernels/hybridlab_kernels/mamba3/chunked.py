@@ -6,8 +6,9 @@ delta_{s+1} for s < t and w_tt = gamma_t: the a_{s+1} of the second term is exac
 from s to s + 1. So the scan is Mamba-2's SSD with input weight c_s = gamma_s + delta_{s+1}
 (delta_{L+1} = 0), log-decay adt and B, C the rotated (per-head) k and q, minus the one
 diagonal term delta_{t+1} (q_t . k_t) x_t it over-counts; an initial (state, k, v) enters as
-the state h_0 + delta_1 v ⊗ k. The SSD runs `ssd_chunked_decay`, with its hand-written backward;
-everything around it is elementwise and left to autograd.
+the state h_0 + delta_1 v ⊗ k. The SSD runs `ssd_chunked_decay`, with its hand-written backward
+(the Triton path, `triton_mamba3`, runs the Triton SSD's instead); everything around it is
+elementwise and left to autograd.
 
 MIMO (rank R) heads write sum_r x_r ⊗ k_r into one state and read it with each q_r; by
 linearity that is R x R single-rank SSDs, (writer r', reader r), run as one SSD over H R R
@@ -17,6 +18,7 @@ heads, whose states sum over the writers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,39 @@ def mamba3_chunked(
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """`mamba3_scan`, chunked; same arguments and results."""
+    return mamba3_via(
+        ssd_chunked_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=D, z=z,
+        mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size,
+        initial_state=initial_state, return_final_state=return_final_state,
+    )
+
+
+# ssd_decay(x, dt, log_decay, B, C, *, chunk_size, initial_state) -> (y, final state)
+SSDDecay = Callable[..., tuple[Tensor, Tensor]]
+
+
+def mamba3_via(
+    ssd_decay: SSDDecay,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor,
+    *,
+    D: Tensor | None,
+    z: Tensor | None,
+    mimo_x: Tensor | None,
+    mimo_z: Tensor | None,
+    mimo_o: Tensor | None,
+    chunk_size: int,
+    initial_state: Mamba3State | None,
+    return_final_state: bool,
+) -> Tensor | tuple[Tensor, Mamba3State]:
+    """The Mamba-3 scan with its SSD run by `ssd_decay` (the torch or the Triton one)."""
     out_dtype = v.dtype
     dtype = compute_dtype(v)
     with no_autocast(v.device):
@@ -59,15 +94,15 @@ def mamba3_chunked(
             None if t is None else t.to(dtype) for t in (D, z, mimo_x, mimo_z, mimo_o)
         )
         y, final = _scan(
-            q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, mimo_o,
-            chunk_size, initial_state,
+            ssd_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
+            mimo_o, chunk_size, initial_state,
         )
     y = y.to(out_dtype)
     return (y, final) if return_final_state else y
 
 
-def _scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, mimo_o,
-          chunk_size, initial_state):
+def _scan(ssd_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
+          mimo_o, chunk_size, initial_state):
     H, R = v.shape[2], q.shape[2]
     pairwise = R == 1
     # cumulative angles, summed in float64 so that thousands of steps keep their digits
@@ -88,13 +123,13 @@ def _scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, 
         h0 = initial_state.ssm.to(v.dtype) + delta[:, 0, :, None, None] * carried
 
     if R == 1:
-        y_r, h_end = ssd_chunked_decay(
+        y_r, h_end = ssd_decay(
             x_r[:, :, 0], weight, adt, k[:, :, 0], q[:, :, 0], chunk_size=chunk_size,
             initial_state=h0,
         )
         y_r = y_r.unsqueeze(2)
     else:
-        y_r, h_end = _mimo_ssd(x_r, weight, adt, k, q, h0, chunk_size)
+        y_r, h_end = _mimo_ssd(ssd_decay, x_r, weight, adt, k, q, h0, chunk_size)
     # the diagonal term counted with delta_{t+1} that only enters at step t + 1
     qk = torch.einsum("blrhn,blshn->blrsh", q, k)  # (batch, L, R reader, R writer, H)
     over = torch.einsum("blrsh,blshp->blrhp", qk, x_r)
@@ -106,7 +141,7 @@ def _scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, 
     return y, final
 
 
-def _mimo_ssd(x_r, weight, adt, k, q, h0, chunk_size):
+def _mimo_ssd(ssd_decay, x_r, weight, adt, k, q, h0, chunk_size):
     """R x R single-rank SSDs as one, heads ordered (h, writer, reader)."""
     batch, L, R, H, P = x_r.shape
     N = k.shape[-1]
@@ -126,7 +161,7 @@ def _mimo_ssd(x_r, weight, adt, k, q, h0, chunk_size):
         init = h0.new_zeros(batch, H, R, R, P, N)
         init[:, :, 0] = h0[:, :, None]
         init = init.view(batch, H * R * R, P, N)
-    y, h = ssd_chunked_decay(
+    y, h = ssd_decay(
         heads(x_r, True), scalars(weight), scalars(adt), heads(k, True), heads(q, False),
         chunk_size=chunk_size, initial_state=init,
     )

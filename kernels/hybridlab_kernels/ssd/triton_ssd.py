@@ -32,6 +32,28 @@ from .triton_ssd_bwd import (
 from .triton_ssd_fwd import chunk_cb, chunk_scan, chunk_state, dt_cumsum, state_passing
 
 
+def _chunk_layout(t: Tensor, T: int, acc: torch.dtype) -> Tensor:
+    """(batch, L, H) -> (batch, H, nc, T) in `acc`, zero past the sequence end (dt_cumsum's)."""
+    batch, L, H = t.shape
+    t = torch.nn.functional.pad(t.to(acc), (0, 0, 0, -L % T))
+    return t.view(batch, -1, T, H).permute(0, 3, 1, 2).contiguous()
+
+
+def _decay_states(
+    x: Tensor, dt: Tensor, log_decay: Tensor, B: Tensor, C: Tensor,
+    initial_state: Tensor | None, T: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_incoming_states` for a decay given per step: its within-chunk cumulative sums (in
+    float64, like the torch path) take the place of dt_cumsum's dt * A."""
+    acc = compute_dtype(x)
+    dt_proc = _chunk_layout(dt, T, acc)
+    dA_cs = _chunk_layout(log_decay, T, acc).cumsum(-1, dtype=torch.float64).to(acc)
+    cb = chunk_cb(C, B, T, acc)
+    own = chunk_state(x, B, dt_proc, dA_cs, from_end=True, acc=acc)
+    states, final = state_passing(own, dA_cs, initial_state)
+    return dt_proc, dA_cs, cb, states, final
+
+
 def _incoming_states(
     x: Tensor,
     dt: Tensor,
@@ -125,6 +147,66 @@ class _SSDFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+class _SSDDecayFunction(torch.autograd.Function):
+    """h_t = exp(log_decay_t) h_{t-1} + dt_t x_t ⊗ B_t, y_t = h_t · C_t, through the same stage
+    kernels; the decay's gradient is summed from the stages' per-step weights in torch, as
+    `_dt_bwd_kernel` sums them for dt * A."""
+
+    @staticmethod
+    def forward(ctx, x, dt, log_decay, B, C, initial_state, chunk_size):  # type: ignore[override]
+        T = min(chunk_size, x.shape[1])
+        with on_device(x.device):
+            dt_proc, dA_cs, cb, states, final = _decay_states(
+                x, dt, log_decay, B, C, initial_state, T
+            )
+            y, _ = chunk_scan(x, C, cb, dt_proc, dA_cs, states, None, None, store_pre=False)
+        ctx.save_for_backward(x, dt, log_decay, B, C, initial_state)
+        ctx.T = T
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):  # type: ignore[override]
+        x, dt, log_decay, B, C, initial_state = ctx.saved_tensors
+        acc = compute_dtype(x)
+        batch, L, H = dt.shape
+        gy = torch.zeros(x.shape, dtype=acc, device=x.device) if dy is None else dy
+        with on_device(x.device):
+            dt_proc, dA_cs, cb, states, _ = _decay_states(
+                x, dt, log_decay, B, C, initial_state, ctx.T
+            )
+            dstates = chunk_state(gy, C, dt_proc, dA_cs, from_end=False, acc=acc)
+            dS, dinit, dend = state_passing_bwd(dstates, states, dA_cs, dfinal)
+            dx, ddt_u, dw, _ = chunk_scan_bwd_dx(x, gy, B, cb, dt_proc, dA_cs, dS, None)
+            dC, dinter = chunk_scan_bwd_dc(x, gy, C, B, dt_proc, dA_cs, states)
+            dB = chunk_scan_bwd_db(x, gy, C, dt_proc, dA_cs, dS)
+            dda = chunk_scan_bwd_dda(x, gy, cb, dt_proc, dA_cs)
+        # a_k sits in exp(s_l) for l >= k, in exp(s_end - s_l) for l < k, and in exp(s_end)
+        d_log = (dda + dinter.flip(-1).cumsum(-1).flip(-1) + (dw.cumsum(-1) - dw)
+                 + dend[..., None])  # (batch, H, nc, T)
+        d_log = d_log.permute(0, 2, 3, 1).reshape(batch, -1, H)[:, :L]
+        ddt = ddt_u.permute(0, 2, 3, 1).reshape(batch, -1, H)[:, :L]
+        return (
+            dx.to(x.dtype), ddt.to(dt.dtype), d_log.to(log_decay.dtype), dB.to(B.dtype),
+            dC.to(C.dtype), dinit.to(initial_state.dtype) if initial_state is not None else None,
+            None,
+        )
+
+
+def ssd_triton_decay(
+    x: Tensor,
+    dt: Tensor,
+    log_decay: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int = 64,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`chunked.ssd_chunked_decay` in Triton: same arguments and results."""
+    return _SSDDecayFunction.apply(x, dt, log_decay, B, C, initial_state, chunk_size)
 
 
 def ssd_triton(
