@@ -9,6 +9,9 @@ Cases (float32):
              ours ("torch" backend; also "triton" on CUDA) vs `selective_scan_ref`;
   mamba2     ssd, 8 heads x headdim 32, d_state 64, 1 group, chunk 64, with D, dt_bias and
              softplus: ours vs the paper-style minimal chunked SSD (`ssd_minimal.py`) vs `ssd_ref`;
+  mamba3     mamba3_scan (SISO), Mamba-2's heads, headdim and d_state (equal state size: 8 x 32 x
+             64 per row), rotary angles on half of B and C, with D: ours vs its sequential
+             reference (`mamba3_ref`), and against the mamba2 rows;
   attention  causal scaled_dot_product_attention at the same width (8 heads x 32); on CUDA also
              its flash backend and flash_attn, in bfloat16, where available.
 
@@ -46,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybridlab_kernels import selective_scan, ssd
+from hybridlab_kernels import mamba3_scan, selective_scan, ssd
 
 # Run as a script, this file's folder is on sys.path and holds the baseline.
 from ssd_minimal import ssd_paper  # isort: skip
@@ -124,6 +127,28 @@ def mamba2_inputs(s: Sizes, L: int, device: str, dtype: torch.dtype) -> dict[str
     return {k: v.to(device, dtype).requires_grad_() for k, v in tensors.items()}
 
 
+def mamba3_inputs(s: Sizes, L: int, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Mamba-3 at mamba_ssm's Mamba3 init magnitudes: dt in [1e-3, 0.1], A = -softplus(.) per
+    token, unit-RMS B and C with biases 1, rotary angles on half of the state."""
+    g = torch.Generator().manual_seed(0)
+    H, P, N = s.heads, s.headdim, s.mamba2_N
+    dt = torch.exp(math.log(1e-3) + torch.rand(s.batch, L, H, generator=g) * math.log(100))
+    A = -F.softplus(torch.randn(s.batch, L, H, generator=g)).clamp(min=1e-4)
+    tensors = {
+        "q": torch.randn(s.batch, L, 1, 1, N, generator=g),
+        "k": torch.randn(s.batch, L, 1, 1, N, generator=g),
+        "v": torch.randn(s.batch, L, H, P, generator=g),
+        "adt": A * dt,
+        "dt": dt,
+        "trap": torch.randn(s.batch, L, H, generator=g),
+        "q_bias": torch.ones(H, 1, N),
+        "k_bias": torch.ones(H, 1, N),
+        "angles": torch.randn(s.batch, L, N // 4, generator=g),
+        "D": torch.ones(H),
+    }
+    return {k: v.to(device, dtype).requires_grad_() for k, v in tensors.items()}
+
+
 def attention_inputs(s: Sizes, L: int, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(0)
     shape = (s.batch, s.heads, L, s.headdim)
@@ -133,7 +158,12 @@ def attention_inputs(s: Sizes, L: int, device: str, dtype: torch.dtype) -> dict[
     }
 
 
-INPUTS = {"mamba1": mamba1_inputs, "mamba2": mamba2_inputs, "attention": attention_inputs}
+INPUTS = {
+    "mamba1": mamba1_inputs,
+    "mamba2": mamba2_inputs,
+    "mamba3": mamba3_inputs,
+    "attention": attention_inputs,
+}
 
 
 def mamba1_impls(s: Sizes, device: str) -> list[Impl]:
@@ -166,6 +196,17 @@ def mamba2_impls(s: Sizes, device: str) -> list[Impl]:
     ]
 
 
+def mamba3_impls(s: Sizes, device: str) -> list[Impl]:
+    def op(backend: str) -> Callable[[dict[str, Tensor]], Tensor]:
+        def run(t: dict[str, Tensor]) -> Tensor:
+            return mamba3_scan(**t, chunk_size=s.chunk, backend=backend)
+
+        return run
+
+    ours = [Impl("ours (triton)", op("triton"))] if device == "cuda" else []
+    return [*ours, Impl("ours", op("torch")), Impl("mamba3_ref", op("ref"))]
+
+
 def attention_impls(s: Sizes, device: str) -> list[Impl]:
     def sdpa(t: dict[str, Tensor]) -> Tensor:
         return F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True)
@@ -194,7 +235,12 @@ def attention_impls(s: Sizes, device: str) -> list[Impl]:
     return impls
 
 
-IMPLS = {"mamba1": mamba1_impls, "mamba2": mamba2_impls, "attention": attention_impls}
+IMPLS = {
+    "mamba1": mamba1_impls,
+    "mamba2": mamba2_impls,
+    "mamba3": mamba3_impls,
+    "attention": attention_impls,
+}
 
 
 def sync(device: str) -> None:
@@ -387,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     print("  speedup: that row's time / ours;  mem ratio: ours' peak / that row's peak")
 
     results: dict[tuple[str, int, str], dict] = {}
-    for op in ("mamba1", "mamba2", "attention"):
+    for op in IMPLS:
         impls = IMPLS[op](s, device)
         for L in s.lengths:
             for name, t in time_case(s, op, L, impls, device, repeats).items():
@@ -454,13 +500,30 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"  3. {op} ours fwd+bwd: {steps} (linear: time x L)")
     if not args.no_memory:
-        for op, ref in (("mamba1", "selective_scan_ref"), ("mamba2", "ssd_ref")):
+        for op, ref in (("mamba1", "selective_scan_ref"), ("mamba2", "ssd_ref"),
+                        ("mamba3", "mamba3_ref")):
             ours, naive = (results[(op, longest, n)]["mem"]["fwdbwd"] for n in ("ours", ref))
             print(
                 f"  4. {op} fwd+bwd peak, L={longest}: ours {ours:.1f} MiB, {ref} {naive:.1f} MiB:"
                 f" {ours / max(naive, 0.1):.2f}x (<= 2)"
             )
 
+    r5 = med("mamba3", mid, "mamba3_ref") / med("mamba3", mid, "ours")
+    print(f"  5. mamba3 fwd+bwd, L={mid}: {r5:.2f}x faster than mamba3_ref (>= 10)")
+    steps = ", ".join(
+        f"L x{b // a} -> time x{med('mamba3', b, 'ours') / med('mamba3', a, 'ours'):.2f}"
+        for a, b in zip(s.lengths, s.lengths[1:], strict=False)
+    )
+    print(f"  6. mamba3 ours fwd+bwd: {steps} (linear: time x L)")
+    for L in s.lengths:
+        ratio = [med("mamba3", L, "ours", m) / med("mamba2", L, "ours", m)
+                 for m in ("fwd", "fwdbwd")]
+        mem = ""
+        if not args.no_memory:
+            m3, m2 = (results[(op, L, "ours")]["mem"]["fwdbwd"] for op in ("mamba3", "mamba2"))
+            mem = f", fwd+bwd peak {m3:.1f} vs {m2:.1f} MiB"
+        print(f"  7. mamba3 vs mamba2 at equal state, L={L}: time x{ratio[0]:.2f} fwd, "
+              f"x{ratio[1]:.2f} fwd+bwd{mem}")
 
 if __name__ == "__main__":
     main()

@@ -61,7 +61,9 @@ def test_quick_run_prints_every_case_and_the_acceptance_lines() -> None:
     )
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()]
-    cells = {(r[0], r[1]) for r in rows if len(r) > 2 and r[0] in ("mamba1", "mamba2", "attention")}
-    assert cells == {(op, L) for op in ("mamba1", "mamba2", "attention") for L in ("32", "64")}
-    for needle in ("paper minimal SSD", "selective_scan_ref", "GFLOP/s", "Acceptance", "4. mamba2"):
+    ops = ("mamba1", "mamba2", "mamba3", "attention")
+    cells = {(r[0], r[1]) for r in rows if len(r) > 2 and r[0] in ops}
+    assert cells == {(op, L) for op in ops for L in ("32", "64")}
+    for needle in ("paper minimal SSD", "selective_scan_ref", "mamba3_ref", "GFLOP/s",
+                   "Acceptance", "4. mamba2", "5. mamba3", "7. mamba3 vs mamba2"):
         assert needle in out.stdout
