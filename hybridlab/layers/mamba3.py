@@ -233,6 +233,8 @@ register(LayerType(
         "hf": "no transformers model class holds Mamba-3 layers (NemotronH, Bamba, "
               "GraniteMoeHybrid and FalconH1 run Mamba-2)",
         "megatron": "megatron-core's hybrid layer pattern has no Mamba-3 layer ('M' is Mamba-2)",
-        "mamba_ssm": "not yet mapped to mamba_ssm's ssm_cfg layer 'Mamba3'",
+        "mamba_ssm": "mamba_ssm's MambaLMHeadModel (2.3.2) builds ssm_cfg.layer 'Mamba1' or "
+                     "'Mamba2' only (create_block raises on 'Mamba3'); its Mamba3 module itself "
+                     "loads a mamba3 layer's weights under the same names",
     },
 ))

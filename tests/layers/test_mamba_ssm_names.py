@@ -13,6 +13,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from hybridlab.config import AttentionSpec, Mamba1Spec, Mamba2Spec, MLPSpec
 from hybridlab.layers import Mamba3Spec, build_layer
@@ -136,3 +137,7 @@ def test_mamba3_table_is_mamba_ssm_own(d_model, spec, expected, monkeypatch):
         mimo_rank=spec.mimo_rank,
     )
     assert {name: tuple(t.shape) for name, t in module.state_dict().items()} == expected
+    # and a built hybridlab layer's weights load into it under strict keys
+    ours = build_layer(spec, d_model)
+    ours.reset_parameters(torch.Generator().manual_seed(0), n_layers=2)
+    module.load_state_dict(ours.state_dict(), strict=True)
