@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybridlab.config import ArchConfig, AttentionSpec, Mamba1Spec, Mamba2Spec
+from hybridlab.layers import Mamba3Spec
 from hybridlab.model import HybridLM
 
 VOCAB = 50
@@ -11,14 +12,16 @@ SPECS = {
     "mamba1": Mamba1Spec(d_state=8),
     "mamba2": Mamba2Spec(d_state=16, headdim=16, chunk_size=8),
     "attention": AttentionSpec(n_heads=4, n_kv_heads=2, sliding_window=6),
+    "mamba3": Mamba3Spec(d_state=8, headdim=16, chunk_size=8),
 }
-PATTERNS = ["m", "M", "*", "-", "m*-M-*M-", "MM*", "*-m-*"]
+PATTERNS = ["m", "M", "*", "-", "m*-M-*M-", "MM*", "*-m-*", "3", "3-M-*-3-", "M3*3"]
 
 
 def build(pattern: str, *, seed: int = 0, tie: bool = True) -> HybridLM:
     config = ArchConfig.from_pattern(
         pattern, d_model=32, vocab_size=VOCAB, tie_embeddings=tie,
         mamba1=SPECS["mamba1"], mamba2=SPECS["mamba2"], attention=SPECS["attention"],
+        mamba3=SPECS["mamba3"],
     )
     return HybridLM(config, seed=seed).eval()
 
@@ -42,7 +45,7 @@ def test_decoding_reproduces_full_logits(pattern, batch, seqlen, prefill):
     torch.testing.assert_close(torch.cat([head, tail], dim=1), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("pattern", ["m*-M-*M-", "*", "mM"])
+@pytest.mark.parametrize("pattern", ["m*-M-*M-", "*", "mM", "3-M-*-3-"])
 def test_generate_with_cache_equals_greedy_without(pattern):
     model = build(pattern, seed=3)
     prompt = tokens(2, 5, 4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hybridlab_kernels import Mamba3State, mamba3_scan, mamba3_state_update
-from hybridlab_kernels.mamba3 import mamba3_chunked, mamba3_ref, zero_state
+from hybridlab_kernels.mamba3 import zero_state
 from hybridlab_kernels.ssd.naive import ssd_ref
 from tests.kernels.mamba3_inputs import make_inputs
 
@@ -44,8 +44,9 @@ def test_chunked_matches_reference_values_states_and_gradients(shape, initial_st
         state = Mamba3State(*(t.requires_grad_() for t in kwargs["initial_state"]))
         kwargs["initial_state"] = state
         leaves += list(kwargs["initial_state"])
-    y_ref, s_ref = mamba3_ref(*tensors, **kwargs, return_final_state=True)
-    y, s = mamba3_chunked(*tensors, **kwargs, chunk_size=chunk_size, return_final_state=True)
+    y_ref, s_ref = mamba3_scan(*tensors, **kwargs, return_final_state=True, backend="ref")
+    y, s = mamba3_scan(*tensors, **kwargs, chunk_size=chunk_size, return_final_state=True,
+                       backend="torch")
     torch.testing.assert_close(y, y_ref, **F64_TOL)
     for name, got, want in zip(Mamba3State._fields, s, s_ref, strict=True):
         torch.testing.assert_close(got, want, **F64_TOL, msg=f"final state {name}")
@@ -61,8 +62,9 @@ def test_chunked_matches_reference_values_states_and_gradients(shape, initial_st
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]])
 def test_float32_matches_float64_reference(shape):
     tensors, kwargs = make_inputs(7, *shape)
-    y_ref = mamba3_ref(*tensors, **kwargs)
-    y = mamba3_chunked(*(t.float() for t in tensors), **{k: v.float() for k, v in kwargs.items()})
+    y_ref = mamba3_scan(*tensors, **kwargs, backend="ref")
+    y = mamba3_scan(*(t.float() for t in tensors), **{k: v.float() for k, v in kwargs.items()},
+                    backend="torch")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), y_ref, **F32_TOL)
 

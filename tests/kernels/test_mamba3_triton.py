@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from hybridlab_kernels import Mamba3State, mamba3_scan, mamba3_state_update
-from hybridlab_kernels.mamba3 import mamba3_ref, zero_state
+from hybridlab_kernels.mamba3 import zero_state
 from hybridlab_kernels.ssd import triton_common
 from tests.kernels.mamba3_inputs import make_inputs
 
@@ -47,7 +47,7 @@ def _on_device(tensors, kwargs):
 def test_triton_scan_matches_reference(shape, initial_state):
     tensors, kwargs = _on_device(*make_inputs(31 + shape[1], *shape, initial_state=initial_state))
     tensors = [t.requires_grad_() for t in tensors]
-    y_ref, s_ref = mamba3_ref(*tensors, **kwargs, return_final_state=True)
+    y_ref, s_ref = mamba3_scan(*tensors, **kwargs, return_final_state=True, backend="ref")
     y, s = mamba3_scan(*tensors, **kwargs, chunk_size=16, return_final_state=True,
                        backend="triton")
     torch.testing.assert_close(y, y_ref, **F64_TOL)
@@ -65,7 +65,7 @@ def test_triton_scan_matches_reference(shape, initial_state):
 def test_triton_decoding_steps_equal_the_scan(shape):
     tensors, kwargs = _on_device(*make_inputs(37, *shape))
     batch, L, H, P, N, _, R, S = shape
-    y = mamba3_ref(*tensors, **kwargs)
+    y = mamba3_scan(*tensors, **kwargs, backend="ref")
     state = zero_state(batch, H, P, N, R, S, device=torch.device(DEVICE), dtype=torch.float64)
     state = Mamba3State(*(t.double() for t in state))
     steps = []

@@ -148,10 +148,16 @@ def test_error_line_points_at_the_field(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "mqar", "mad", "lm-small", "production-like",
-                                  "moe-parallel", "moe-parallel-lm"])
+                                  "moe-parallel", "moe-parallel-lm", "state-tracking"])
 def test_shipped_spaces_load(name):
     space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
     assert space.name == name
+
+
+def test_state_tracking_space_draws_every_two_mixer_stack():
+    text = (ROOT / "search_spaces" / "state-tracking.yaml").read_text()
+    patterns = {a.pattern for _, a in draw(text, 60, 0) if isinstance(a, ArchConfig)}
+    assert patterns == {f"{a}-{b}-" for a in "M3*" for b in "M3*"}
 
 
 def draw(text: str, n: int, seed: int) -> list[tuple[dict, ArchConfig | str]]:

@@ -7,10 +7,12 @@ from torch import Tensor
 from .._common import check_grouped, check_same_shape, check_shape
 from ..dispatch import kernel_backend
 from .chunked import mamba3_chunked
+from .inputs import Mamba3Inputs
 from .naive import mamba3_ref
 from .step import Mamba3State, mamba3_state_update, zero_state
 
 __all__ = [
+    "Mamba3Inputs",
     "Mamba3State",
     "mamba3_chunked",
     "mamba3_ref",
@@ -60,23 +62,22 @@ def mamba3_scan(
     L, H, P) in v.dtype, or (y, final `Mamba3State`) if `return_final_state`. `backend`
     ("ref" | "torch" | "triton") overrides $HYBRIDLAB_KERNELS.
     """
-    _check_args(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, mimo_o,
-                chunk_size, initial_state)
+    inputs = Mamba3Inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
+                          mimo_o)
+    _check_args(inputs, chunk_size, initial_state)
     choice = kernel_backend(v.device, backend, op=_OP)
     if choice == "triton":
         # Imported on demand: triton is an optional, GPU-host dependency.
         from .triton_mamba3 import mamba3_triton as impl
     else:
         impl = mamba3_ref if choice == "ref" else mamba3_chunked
-    return impl(
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=D, z=z, mimo_x=mimo_x,
-        mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size, initial_state=initial_state,
-        return_final_state=return_final_state,
-    )
+    return impl(inputs, chunk_size=chunk_size, initial_state=initial_state,
+                return_final_state=return_final_state)
 
 
-def _check_args(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, mimo_o,
-                chunk_size, initial_state) -> None:
+def _check_args(inputs: Mamba3Inputs, chunk_size: int,
+                initial_state: Mamba3State | None) -> None:
+    q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z, mimo_o = inputs
     if v.dim() != 4 or v.shape[1] == 0:
         raise ValueError(
             f"{_OP}: v must have shape (batch, L, H, P) with L >= 1, got {tuple(v.shape)}"

@@ -26,36 +26,21 @@ from torch import Tensor
 
 from .._common import compute_dtype, no_autocast
 from ..ssd.chunked import ssd_chunked_decay
+from .inputs import Mamba3Inputs
 from .rotary import angle_increment, rotate, trapezoid
 from .step import Mamba3State, heads_of, per_rank, read_out
 
 
 def mamba3_chunked(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
+    inputs: Mamba3Inputs,
     *,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    mimo_x: Tensor | None = None,
-    mimo_z: Tensor | None = None,
-    mimo_o: Tensor | None = None,
     chunk_size: int = 64,
     initial_state: Mamba3State | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """`mamba3_scan`, chunked; same arguments and results."""
-    return mamba3_via(
-        ssd_chunked_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=D, z=z,
-        mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size,
-        initial_state=initial_state, return_final_state=return_final_state,
-    )
+    return mamba3_via(ssd_chunked_decay, inputs, chunk_size=chunk_size,
+                      initial_state=initial_state, return_final_state=return_final_state)
 
 
 # ssd_decay(x, dt, log_decay, B, C, *, chunk_size, initial_state) -> (y, final state)
@@ -64,80 +49,56 @@ SSDDecay = Callable[..., tuple[Tensor, Tensor]]
 
 def mamba3_via(
     ssd_decay: SSDDecay,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
+    inputs: Mamba3Inputs,
     *,
-    D: Tensor | None,
-    z: Tensor | None,
-    mimo_x: Tensor | None,
-    mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
     chunk_size: int,
     initial_state: Mamba3State | None,
     return_final_state: bool,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """The Mamba-3 scan with its SSD run by `ssd_decay` (the torch or the Triton one)."""
-    out_dtype = v.dtype
-    dtype = compute_dtype(v)
-    with no_autocast(v.device):
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles = (
-            t.to(dtype) for t in (q, k, v, adt, dt, trap, q_bias, k_bias, angles)
-        )
-        D, z, mimo_x, mimo_z, mimo_o = (
-            None if t is None else t.to(dtype) for t in (D, z, mimo_x, mimo_z, mimo_o)
-        )
-        y, final = _scan(
-            ssd_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
-            mimo_o, chunk_size, initial_state,
-        )
-    y = y.to(out_dtype)
+    with no_autocast(inputs.v.device):
+        y, final = _scan(ssd_decay, inputs.cast(compute_dtype(inputs.v)), chunk_size,
+                         initial_state)
+    y = y.to(inputs.v.dtype)
     return (y, final) if return_final_state else y
 
 
-def _scan(ssd_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
-          mimo_o, chunk_size, initial_state):
-    H, R = v.shape[2], q.shape[2]
+def _scan(
+    ssd_decay: SSDDecay, t: Mamba3Inputs, chunk_size: int, initial_state: Mamba3State | None
+) -> tuple[Tensor, Mamba3State]:
+    H, R = t.v.shape[2], t.q.shape[2]
     pairwise = R == 1
     # cumulative angles, summed in float64 so that thousands of steps keep their digits
-    theta = angle_increment(angles, dt).cumsum(1, dtype=torch.float64).to(v.dtype)
+    theta = angle_increment(t.angles, t.dt).cumsum(1, dtype=torch.float64).to(t.v.dtype)
     if initial_state is not None:
-        theta = theta + initial_state.angle.to(v.dtype)[:, None]
-    q = rotate(heads_of(q, H) + q_bias.transpose(0, 1), theta, pairwise=pairwise)
-    k = rotate(heads_of(k, H) + k_bias.transpose(0, 1), theta, pairwise=pairwise)
-    gamma, delta = trapezoid(trap, dt)
+        theta = theta + initial_state.angle.to(t.v.dtype)[:, None]
+    q = rotate(heads_of(t.q, H) + t.q_bias.transpose(0, 1), theta, pairwise=pairwise)
+    k = rotate(heads_of(t.k, H) + t.k_bias.transpose(0, 1), theta, pairwise=pairwise)
+    gamma, delta = trapezoid(t.trap, t.dt)
     delta_next = F.pad(delta[:, 1:], (0, 0, 0, 1))  # delta_{t+1}, 0 after the last step
     weight = gamma + delta_next
-    x_r = per_rank(v, mimo_x)  # (batch, L, R, H, P)
+    x_r = per_rank(t.v, t.mimo_x)  # (batch, L, R, H, P)
 
     h0 = None
     if initial_state is not None:
-        x_prev = per_rank(initial_state.v.to(v.dtype), mimo_x)  # (batch, R, H, P)
-        carried = torch.einsum("brhp,brhn->bhpn", x_prev, initial_state.k.to(v.dtype))
-        h0 = initial_state.ssm.to(v.dtype) + delta[:, 0, :, None, None] * carried
+        x_prev = per_rank(initial_state.v.to(t.v.dtype), t.mimo_x)  # (batch, R, H, P)
+        carried = torch.einsum("brhp,brhn->bhpn", x_prev, initial_state.k.to(t.v.dtype))
+        h0 = initial_state.ssm.to(t.v.dtype) + delta[:, 0, :, None, None] * carried
 
     if R == 1:
         y_r, h_end = ssd_decay(
-            x_r[:, :, 0], weight, adt, k[:, :, 0], q[:, :, 0], chunk_size=chunk_size,
+            x_r[:, :, 0], weight, t.adt, k[:, :, 0], q[:, :, 0], chunk_size=chunk_size,
             initial_state=h0,
         )
         y_r = y_r.unsqueeze(2)
     else:
-        y_r, h_end = _mimo_ssd(ssd_decay, x_r, weight, adt, k, q, h0, chunk_size)
+        y_r, h_end = _mimo_ssd(ssd_decay, x_r, weight, t.adt, k, q, h0, chunk_size)
     # the diagonal term counted with delta_{t+1} that only enters at step t + 1
     qk = torch.einsum("blrhn,blshn->blrsh", q, k)  # (batch, L, R reader, R writer, H)
     over = torch.einsum("blrsh,blshp->blrhp", qk, x_r)
     y_r = y_r - delta_next[:, :, None, :, None] * over
-    y = read_out(y_r, x_r, D, z, mimo_z, mimo_o)
-    final = Mamba3State(
-        torch.remainder(theta[:, -1], 2 * math.pi), h_end, k[:, -1], v[:, -1]
-    )
+    y = read_out(y_r, x_r, t)
+    final = Mamba3State(torch.remainder(theta[:, -1], 2 * math.pi), h_end, k[:, -1], t.v[:, -1])
     return y, final
 
 

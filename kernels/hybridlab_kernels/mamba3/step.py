@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._common import compute_dtype, no_autocast
 from ..dispatch import kernel_backend
+from .inputs import Mamba3Inputs
 from .rotary import angle_increment, rotate, trapezoid
 
 _OP = "mamba3_state_update"
@@ -55,21 +56,16 @@ def per_rank(t: Tensor, proj: Tensor | None) -> Tensor:
     return t.unsqueeze(-3) * proj.transpose(0, 1)
 
 
-def read_out(
-    y_r: Tensor, x_r: Tensor, D: Tensor | None, z: Tensor | None, mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
-) -> Tensor:
-    """Per-rank outputs (..., R, H, P) -> (..., H, P).
-
-    + D x_r, then * silu(z mimo_z_r), then summed over r weighted by mimo_o_r.
-    """
-    if D is not None:
-        y_r = y_r + D[:, None] * x_r
-    if z is not None:
-        y_r = y_r * F.silu(per_rank(z, mimo_z))
-    if mimo_o is None:
+def read_out(y_r: Tensor, x_r: Tensor, inputs: Mamba3Inputs) -> Tensor:
+    """Per-rank outputs (..., R, H, P) -> (..., H, P): + D x_r, then * silu(z mimo_z_r), then
+    summed over r weighted by mimo_o_r (inputs in y_r's dtype)."""
+    if inputs.D is not None:
+        y_r = y_r + inputs.D[:, None] * x_r
+    if inputs.z is not None:
+        y_r = y_r * F.silu(per_rank(inputs.z, inputs.mimo_z))
+    if inputs.mimo_o is None:
         return y_r.squeeze(-3)
-    return (y_r * mimo_o.transpose(0, 1)).sum(-3)
+    return (y_r * inputs.mimo_o.transpose(0, 1)).sum(-3)
 
 
 def mamba3_state_update(
@@ -93,33 +89,36 @@ def mamba3_state_update(
 ) -> Tensor:
     """Advance `state` by one token in place and return that token's output.
 
-    q, k: (batch, R, G, N); v, z: (batch, H, P); adt, dt, trap: (batch, H); q_bias, k_bias:
-    (H, R, N); angles: (batch, S); D: (H,); mimo_*: (H, R, P) (MIMO only). See `mamba3_scan`.
-    Returns y (batch, H, P) in v.dtype. `backend` ("ref" | "torch" | "triton") overrides
-    $HYBRIDLAB_KERNELS; "ref" and "torch" run the torch code, the Triton kernel (the state
-    update and read-out; inference only) the rest around it in torch.
+    The tensors of `mamba3_scan` without the time axis: q, k (batch, R, G, N); v, z (batch, H,
+    P); adt, dt, trap (batch, H); angles (batch, S); the rest as there. Returns y (batch, H, P)
+    in v.dtype. `backend` ("ref" | "torch" | "triton") overrides $HYBRIDLAB_KERNELS; "ref" and
+    "torch" run the torch code, "triton" a kernel for the state update and read-out (inference
+    only) with the per-token work around it in torch.
     """
+    token = Mamba3Inputs(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_x, mimo_z,
+                         mimo_o)
     triton = kernel_backend(v.device, backend, op=_OP) == "triton"
     with no_autocast(v.device):
-        inputs = prepare(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x)
+        terms = prepare(state, token)
         if triton:
             # Imported on demand: triton is an optional, GPU-host dependency.
             from .triton_step import state_update_triton
 
-            y_r, new_ssm = state_update_triton(state.ssm, inputs)
+            y_r, new_ssm = state_update_triton(state.ssm, terms)
         else:
-            new_ssm = advance(state.ssm, inputs)
-            y_r = torch.einsum("bhpn,brhn->brhp", new_ssm, inputs.q)
-        y = read_out(y_r, inputs.x, *_dtyped(inputs.x.dtype, D, z, mimo_z, mimo_o))
-        for old, value in zip(state, inputs.next_state(new_ssm, v), strict=True):
+            new_ssm = advance(state.ssm, terms)
+            y_r = torch.einsum("bhpn,brhn->brhp", new_ssm, terms.q)
+        y = read_out(y_r, terms.x, token.cast(terms.x.dtype))
+        for old, value in zip(state, terms.next_state(new_ssm, v), strict=True):
             old.copy_(value)
     return y.to(v.dtype)
 
 
-class StepInputs(NamedTuple):
+class StepTerms(NamedTuple):
     """One token's terms of the recurrence, in the compute dtype: rotated, biased q and k
-    (batch, R, H, N), x and the previous x per rank (batch, R, H, P), the previous k, and the
-    weights (batch, H) of the state, the previous input and the current input."""
+    (batch, R, H, N), x and the previous x per rank (batch, R, H, P), the previous k, the
+    weights (batch, H) of the state, the previous input and the current input, and the new
+    cumulative angles."""
 
     q: Tensor
     k: Tensor
@@ -135,34 +134,23 @@ class StepInputs(NamedTuple):
         return Mamba3State(torch.remainder(self.theta, 2 * math.pi), ssm, self.k, v)
 
 
-def _dtyped(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
-    return [None if t is None else t.to(dtype) for t in tensors]
-
-
-def prepare(
-    state: Mamba3State, q: Tensor, k: Tensor, v: Tensor, adt: Tensor, dt: Tensor, trap: Tensor,
-    q_bias: Tensor, k_bias: Tensor, angles: Tensor, mimo_x: Tensor | None,
-) -> StepInputs:
+def prepare(state: Mamba3State, token: Mamba3Inputs) -> StepTerms:
     """Angles, rotations, biases and the trapezoid's weights for one token."""
-    dtype = compute_dtype(v)
-    H = v.shape[1]
-    q, k, v, adt, dt, trap, q_bias, k_bias, angles = (
-        t.to(dtype) for t in (q, k, v, adt, dt, trap, q_bias, k_bias, angles)
-    )
-    (mimo_x,) = _dtyped(dtype, mimo_x)
-    pairwise = q.shape[1] == 1
-    theta = state.angle.to(dtype) + angle_increment(angles, dt)  # (batch, H, S)
-    q = rotate(heads_of(q, H) + q_bias.transpose(0, 1), theta, pairwise=pairwise)
-    k = rotate(heads_of(k, H) + k_bias.transpose(0, 1), theta, pairwise=pairwise)
-    gamma, delta = trapezoid(trap, dt)
-    alpha = torch.exp(adt)
-    return StepInputs(
-        q, k, per_rank(v, mimo_x), per_rank(state.v.to(dtype), mimo_x), state.k.to(dtype),
-        alpha, alpha * delta, gamma, theta,
+    t = token.cast(compute_dtype(token.v))
+    H = t.v.shape[1]
+    pairwise = t.q.shape[1] == 1
+    theta = state.angle.to(t.v.dtype) + angle_increment(t.angles, t.dt)  # (batch, H, S)
+    q = rotate(heads_of(t.q, H) + t.q_bias.transpose(0, 1), theta, pairwise=pairwise)
+    k = rotate(heads_of(t.k, H) + t.k_bias.transpose(0, 1), theta, pairwise=pairwise)
+    gamma, delta = trapezoid(t.trap, t.dt)
+    alpha = torch.exp(t.adt)
+    return StepTerms(
+        q, k, per_rank(t.v, t.mimo_x), per_rank(state.v.to(t.v.dtype), t.mimo_x),
+        state.k.to(t.v.dtype), alpha, alpha * delta, gamma, theta,
     )
 
 
-def advance(ssm: Tensor, s: StepInputs) -> Tensor:
+def advance(ssm: Tensor, s: StepTerms) -> Tensor:
     """The next state (batch, H, P, N) from the previous one and one token's terms."""
     return (
         s.alpha[..., None, None] * ssm.to(s.x.dtype)
@@ -171,27 +159,10 @@ def advance(ssm: Tensor, s: StepInputs) -> Tensor:
     )
 
 
-def step(
-    state: Mamba3State,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
-    *,
-    D: Tensor | None,
-    z: Tensor | None,
-    mimo_x: Tensor | None,
-    mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
-) -> tuple[Tensor, Mamba3State]:
+def step(state: Mamba3State, token: Mamba3Inputs) -> tuple[Tensor, Mamba3State]:
     """One step, functional (autograd records it): (y in the compute dtype, the next state)."""
-    inputs = prepare(state, q, k, v, adt, dt, trap, q_bias, k_bias, angles, mimo_x)
-    new = advance(state.ssm, inputs)
-    y_r = torch.einsum("bhpn,brhn->brhp", new, inputs.q)
-    y = read_out(y_r, inputs.x, *_dtyped(inputs.x.dtype, D, z, mimo_z, mimo_o))
-    return y, inputs.next_state(new, v.to(inputs.x.dtype))
+    terms = prepare(state, token)
+    new = advance(state.ssm, terms)
+    y_r = torch.einsum("bhpn,brhn->brhp", new, terms.q)
+    y = read_out(y_r, terms.x, token.cast(terms.x.dtype))
+    return y, terms.next_state(new, token.v.to(terms.x.dtype))

@@ -11,32 +11,17 @@ from torch import Tensor
 
 from ..ssd.triton_ssd import ssd_triton_decay
 from .chunked import mamba3_via
+from .inputs import Mamba3Inputs
 from .step import Mamba3State
 
 
 def mamba3_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
+    inputs: Mamba3Inputs,
     *,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    mimo_x: Tensor | None = None,
-    mimo_z: Tensor | None = None,
-    mimo_o: Tensor | None = None,
     chunk_size: int = 64,
     initial_state: Mamba3State | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Mamba3State]:
     """`mamba3_scan` on the Triton SSD; same arguments and results."""
-    return mamba3_via(
-        ssd_triton_decay, q, k, v, adt, dt, trap, q_bias, k_bias, angles, D=D, z=z,
-        mimo_x=mimo_x, mimo_z=mimo_z, mimo_o=mimo_o, chunk_size=chunk_size,
-        initial_state=initial_state, return_final_state=return_final_state,
-    )
+    return mamba3_via(ssd_triton_decay, inputs, chunk_size=chunk_size,
+                      initial_state=initial_state, return_final_state=return_final_state)

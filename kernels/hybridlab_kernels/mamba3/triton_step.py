@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ssd.triton_common import PLAIN_CONFIGS, acc_dtype, empty, on_device
-from .step import StepInputs
+from .step import StepTerms
 
 # State values per program: the (BLOCK_P, N) tile stays in registers, 16 fp32 a thread at 4 warps.
 _TILE_ELEMENTS = 2048
@@ -77,7 +77,7 @@ def _mamba3_update_kernel(
         tl.store(y_ptr + row * P + offs_p, tl.sum(state * q[None, :], axis=1), mask=mask_p)
 
 
-def state_update_triton(ssm: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor]:
+def state_update_triton(ssm: Tensor, inputs: StepTerms) -> tuple[Tensor, Tensor]:
     """The next SSM state (written into `ssm`, which it returns) and y_r (batch, R, H, P)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         raise RuntimeError(
