@@ -48,7 +48,10 @@ def ssd_inputs() -> tuple[torch.Tensor, ...]:
 def test_public_api() -> None:
     assert set(hybridlab_kernels.__all__) == {
         "KernelBackend",
+        "Mamba3State",
         "kernel_backend",
+        "mamba3_scan",
+        "mamba3_state_update",
         "selective_scan",
         "selective_state_update",
         "ssd",
