@@ -196,7 +196,7 @@ def search_command(args: argparse.Namespace) -> int:
         args.space, study=args.study, storage_url=args.storage, workers=args.workers,
         trials=args.trials, ray_address=args.ray_address, runs_dir=args.runs_dir,
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        allow_space_change=args.allow_space_change,
+        allow_space_change=args.allow_space_change, progress_every=args.progress_every,
     )
     print(f"done: {summary.finished} trials finished ({summary.complete} complete, "
           f"{summary.pruned} pruned or rejected, {summary.failed} failed attempts) in "
@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between a running trial's heartbeats")
     s.add_argument("--grace-period", type=_at_least_one, default=30,
                    help="seconds without a heartbeat before a trial counts as dead and is retried")
+    s.add_argument("--progress-every", type=_at_least_one, default=30,
+                   help="seconds between lines showing each running trial's task, step, train "
+                        "loss and latest test metric (also written to <runs-dir>/<study>/"
+                        "search.log)")
     s.add_argument("--allow-space-change", action="store_true",
                    help="continue an existing study although its search space changed")
 

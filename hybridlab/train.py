@@ -40,6 +40,8 @@ from hybridlab.model import HybridLM
 Status = Literal["completed", "solved", "budget", "stopped", "diverged"]
 T = TypeVar("T")
 EvalCallback = Callable[[int, dict[str, float]], bool | None]
+# Called with (step, mean train loss) after each logged window; what a search driver shows live.
+LogCallback = Callable[[int, float], None]
 # "bar": a tqdm bar for terminals; "lines": one flushed line per log interval, for pipes and logs.
 Progress = Literal["bar", "lines", "off"]
 PROGRESS_MODES = ("bar", "lines", "off")
@@ -391,6 +393,7 @@ def train(
     *,
     checkpoint_dir: str | Path | None = None,
     callback: EvalCallback | None = None,
+    on_log: LogCallback | None = None,
     progress: Progress | bool = "off",
     progress_stream: TextIO | None = None,
     data_parallel: DataParallel | None = None,
@@ -404,7 +407,8 @@ def train(
 
     Stops at ``cfg.steps`` ("completed"), once an evaluation reaches ``cfg.target`` ("solved"),
     at a token or time budget ("budget"), when the callback returns True ("stopped"), or on a
-    non-finite loss ("diverged", with the step in the reason).
+    non-finite loss ("diverged", with the step in the reason). ``on_log(step, loss)`` runs after
+    each ``cfg.log_every`` steps with the window's mean train loss (on rank 0 only).
 
     ``data_parallel``: this process is one rank of a data-parallel run; every rank calls
     ``train`` with the same model seed, task, config and (shared) checkpoint folder.
@@ -568,6 +572,8 @@ def train(
                 curve += [{"step": step, "split": "train", "metric": k, "value": v}
                           for k, v in routing_stats(model, dp).items()]
                 bar.set_postfix(loss=f"{mean:.3f}")
+                if on_log is not None and (dp is None or dp.rank == 0):
+                    on_log(step, mean)
                 if mode == "lines":
                     lr = optimizer.param_groups[0]["lr"]
                     print(f"{task.name} step {step}/{cfg.steps} loss {mean:.4f} lr {lr:.2e} "

@@ -103,6 +103,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert resumed.metrics == done.metrics
 
 
+def test_on_log_sees_every_logged_train_loss():
+    seen = []
+    result = train(small_model(), ShiftTask(), TrainConfig(steps=9, seed=1, **FAST),
+                   on_log=lambda step, loss: seen.append((step, loss)))
+    logged = [(c["step"], c["value"]) for c in result.curve
+              if c["split"] == "train" and c["metric"] == "loss"]
+    assert seen == logged and [step for step, _ in seen] == [2, 4, 6, 8]
+
+
 def test_nan_loss_ends_training_with_reason(tmp_path):
     model = small_model()
     calls = {"n": 0}

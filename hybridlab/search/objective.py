@@ -38,6 +38,7 @@ from hybridlab.data.task import TaskData
 from hybridlab.data.tasks import make_task
 from hybridlab.files import sha256_file
 from hybridlab.model import HybridLM
+from hybridlab.search.progress import TrialProgress
 from hybridlab.search.space import (
     Rejected,
     SearchSpace,
@@ -194,8 +195,10 @@ class Objective:
                  and self.space.pruner != "none")
         metric = self.space.objectives[0].metric
         pruned_at: list[str] = []
+        live = TrialProgress(trial, task.name, self.space.train.steps, metric)
 
         def report(step: int, metrics: dict[str, float]) -> bool:
+            live.evaluated(step, metrics)
             if self.on_evaluation is not None:
                 self.on_evaluation()
             if not prune or metric not in metrics:
@@ -219,7 +222,8 @@ class Objective:
             if self.space.resources.workers_per_trial > 1:
                 result = self._train_data_parallel(trial, arch, task, cfg, folder)
             else:
-                result = train(model, task, cfg, checkpoint_dir=folder, callback=report)
+                result = train(model, task, cfg, checkpoint_dir=folder, callback=report,
+                               on_log=live.logged)
         if result.status == "stopped" and pruned_at:
             result = replace(result, reason=pruned_at[0])
         store_train_result(self.engine, self.study, trial.number, task.name, result,

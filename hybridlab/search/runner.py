@@ -17,6 +17,7 @@ restarted driver continues the study; storage calls ride out database outages
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import math
 import signal
@@ -52,6 +53,7 @@ from hybridlab.search.objective import (
     Objective,
     make_tasks,
 )
+from hybridlab.search.progress import running_lines
 from hybridlab.search.seeds import ProxySeed, proxy_seeds
 from hybridlab.search.space import (
     SearchSpace,
@@ -114,6 +116,8 @@ class RunOptions:
     heartbeat_interval: int = 10
     grace_period: int = 30
     poll_seconds: float = 2.0
+    # How often the driver prints what each running trial is doing (0: never).
+    progress_seconds: float = 30.0
     # This driver's run: its trials carry the id; its workers' ranks start at first_rank.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     first_rank: int = 0
@@ -449,6 +453,15 @@ def _start_ray(address: str | None, opts: RunOptions, space: SearchSpace):
     return ray
 
 
+def _also_logged(echo: Callable[[str], Any], log: Path) -> Callable[[str], None]:
+    """``echo`` that also appends each line, timestamped, to ``log`` (a rerun appends)."""
+    def both(line: str) -> None:
+        echo(line)
+        with log.open("a") as f:
+            f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {line}\n")
+    return both
+
+
 def check_folder(path: Path, flag: str) -> None:
     """Create ``path`` and write a probe file in it, or refuse naming ``flag``."""
     try:
@@ -494,19 +507,22 @@ def run_search(
     heartbeat_interval: int = 10,
     grace_period: int = 30,
     allow_space_change: bool = False,
+    progress_every: float = 30.0,
     echo: Callable[[str], Any] = print,
 ) -> SearchSummary:
     """Validate the space, create the study and tables, run the Ray workers, summarise.
 
     Everything that can be refused (options, space, folders, storage, a changed space) is
-    checked before Ray starts.
+    checked before Ray starts. Every ``progress_every`` seconds the driver prints a line per
+    running trial (task, step, train loss, latest test metric). Each line the driver prints
+    also goes, timestamped, to ``<runs_dir>/<study>/search.log``.
     """
     path = Path(space_path)
     space = load_space(path)
     space_text = path.read_text()
     for flag, value in (("--trials", trials), ("--workers", workers),
                         ("--heartbeat-interval", heartbeat_interval),
-                        ("--grace-period", grace_period)):
+                        ("--grace-period", grace_period), ("--progress-every", progress_every)):
         if value is not None and value < 1:
             raise ConfigError(flag, f"must be at least 1, got {value}")
     if grace_period < 2 * heartbeat_interval:
@@ -520,7 +536,7 @@ def run_search(
         study=name, storage_url=url, trials=space.trials if trials is None else trials,
         workers=space.workers if workers is None else workers, artifacts_dir=runs / name,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        allow_space_change=allow_space_change,
+        allow_space_change=allow_space_change, progress_seconds=progress_every,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Each check creates nothing when it fails; the default database lives in --runs-dir, so
@@ -528,6 +544,7 @@ def run_search(
     checks = [lambda: check_storage(url), lambda: check_folder(opts.artifacts_dir, "--runs-dir")]
     for check in checks if storage_url else reversed(checks):
         check()
+    echo = _also_logged(echo, opts.artifacts_dir / "search.log")
     seeds = seed_trials(space)
     for seed in seeds:
         echo(f"seed {seed.name}: {seed.rule}")
@@ -613,6 +630,7 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
     errors: list[str] = []
     worker_seconds = 0.0
     last = ""
+    shown = time.perf_counter()
     while True:
         if pending:
             done, pending = ray.wait(pending, timeout=opts.poll_seconds)
@@ -636,6 +654,10 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
         if line.split("]", 1)[1] != last:
             echo(line)
             last = line.split("]", 1)[1]
+        if opts.progress_seconds and time.perf_counter() - shown >= opts.progress_seconds:
+            for running in running_lines(study):
+                echo(f"  {running}")
+            shown = time.perf_counter()
         if len(pending) < opts.workers:
             if not pending:
                 # No worker is left to notice a trial whose worker died: fail it here, so its

@@ -1,6 +1,7 @@
 """End-to-end searches with real Ray workers and real databases (SQLite and PostgreSQL)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,20 +182,28 @@ def test_interrupted_search_stops_cleanly_and_resumes(tmp_path, signum):
     space = write_space(tmp_path, LONG_SPACE)
     runs = tmp_path / "runs"
     url = f"sqlite:///{runs / 'tiny.db'}"
-    proc = run_cli(space, runs)
+    proc = run_cli(space, runs, "--progress-every", "1")
 
-    def training():
+    def reporting():
         if not (runs / "tiny.db").exists():
             return False
         try:
-            return any(c.status == "running" for c in rows(url, Candidate, "tiny"))
-        except sa.exc.OperationalError:
+            study = optuna.load_study(study_name="tiny", storage=url)
+            return any("progress" in t.user_attrs
+                       for t in study.get_trials(states=(TrialState.RUNNING,)))
+        except (KeyError, sa.exc.OperationalError):
             return False
 
-    wait_for(training, 240, proc)
+    wait_for(reporting, 240, proc)
+    time.sleep(2.5)  # within the driver's 2 s poll (1 s progress interval) a line is printed
     proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, output
+    # What a running trial is doing, between trial ends: in the terminal and in the log.
+    live = r" +#\d+ \S+ mqar step \d+/400 loss \d+\.\d{4}"
+    assert re.search(f"^{live}", output, re.M), output
+    log = (runs / "tiny" / "search.log").read_text()
+    assert re.search(rf"^\d{{4}}-\d\d-\d\dT[\d:]+ {live}", log, re.M), log
     assert "Traceback" not in output
     assert output.strip().splitlines()[-1].startswith(
         f"hybridlab search: interrupted ({signal.Signals(signum).name}); ")
