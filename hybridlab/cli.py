@@ -312,6 +312,62 @@ def promote_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Train a fixed panel of reference architectures (transformer, Mamba-1, Mamba-2, a hybrid)
+    at the space's width and budget over several seeds, on every task of the space; report per
+    task each reference's mean and spread and whether the published ordering holds, by how many
+    seed spreads. Results are stored in the space's database; rerun to resume."""
+    from hybridlab.search.calibration import (
+        REFERENCES,
+        calibrate,
+        format_report,
+        rank_agreement,
+        verdicts,
+    )
+    from hybridlab.search.runner import check_folder
+    from hybridlab.search.space import load_space
+    from hybridlab.store import (
+        check_storage,
+        create_tables,
+        creation_lock,
+        default_sqlite_url,
+        open_engine,
+    )
+
+    space = load_space(args.space)
+    references = tuple(r.strip() for r in args.references.split(",") if r.strip())
+    unknown = [r for r in references if r not in REFERENCES] or ([] if references else [""])
+    if unknown:
+        raise ConfigError("--references", f"unknown reference {unknown[0]!r}; expected a "
+                          f"comma-separated list of {', '.join(REFERENCES)}")
+    scales = [args.budget_scale] + ([args.compare_scale] if args.compare_scale else [])
+    for flag, value in (("--budget-scale", args.budget_scale),
+                        ("--compare-scale", args.compare_scale)):
+        if value is not None and not value > 0:
+            raise ConfigError(flag, f"must be positive, got {value}")
+    if not args.storage:
+        check_folder(Path(args.runs_dir), "--runs-dir")
+    url = args.storage or default_sqlite_url(space.name, Path(args.runs_dir).resolve())
+    check_storage(url)
+    with open_engine(url) as engine:
+        with creation_lock(engine):
+            create_tables(engine)
+        runs = {scale: calibrate(space, engine, seeds=args.seeds, references=references,
+                                 budget_scale=scale) for scale in scales}
+    for scale, measured in runs.items():
+        print(f"\ncalibration of {space.name!r} at {scale:g}x its budget "
+              f"({round(space.train.steps * scale)} steps), {args.seeds} seeds:")
+        print(format_report(verdicts(measured)))
+    if args.compare_scale:
+        rho = rank_agreement(runs[args.budget_scale], runs[args.compare_scale])
+        print(f"\nSpearman rank correlation of the panel, {args.budget_scale:g}x vs "
+              f"{args.compare_scale:g}x budget:")
+        for task, value in sorted(rho.items()):
+            print(f"  {task}: {value:.2f}")
+    print(f"stored in {url} (table hl_calibration)")
+    return 0
+
+
 class _VersionAction(argparse.Action):
     """``--version``: the release and the code it runs; git is asked only when the flag is given."""
 
@@ -337,6 +393,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": eval_command,
     "scale": scale_command,
     "promote": promote_command,
+    "calibrate": calibrate_command,
 }
 
 
@@ -410,6 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--space", help="a space file whose promotion section to run (default: the "
                     "space the study was created with)")
     pr.add_argument("--ray-address", help="an existing Ray cluster (default: start one locally)")
+
+    ca = sub.add_parser("calibrate", help=calibrate_command.__doc__,
+                        description=calibrate_command.__doc__)
+    ca.add_argument("space", metavar="SPACE.yaml")
+    ca.add_argument("--seeds", type=_at_least_one, default=3, help="seeds per reference")
+    ca.add_argument("--references", default="transformer,mamba1,mamba2,hybrid",
+                    help="comma-separated panel (default: all four)")
+    ca.add_argument("--budget-scale", type=float, default=1.0,
+                    help="multiply the space's train steps (default 1)")
+    ca.add_argument("--compare-scale", type=float,
+                    help="also train at this multiple of the steps and report how the panel's "
+                         "ranking correlates (Spearman) between the two budgets, e.g. 4")
+    ca.add_argument("--storage", help="database URL (default: sqlite:///<runs-dir>/<space>.db)")
+    ca.add_argument("--runs-dir", default="runs", help="where the default database lives")
 
     e = sub.add_parser("export", help=export_command.__doc__, description=export_command.__doc__)
     add_export_arguments(e)

@@ -30,6 +30,7 @@ from hybridlab.store.models import (
     WITH_WEIGHTS,
     Artifact,
     Base,
+    CalibrationRun,
     Candidate,
     CandidateStatus,
     CurvePoint,
@@ -60,7 +61,8 @@ from hybridlab.store.studies import (
 
 __all__ = [
     "CHECKPOINT_KIND", "NOTED", "SCHEMA_VERSION", "SQLITE_BUSY_TIMEOUT_S", "WITH_WEIGHTS",
-    "Artifact", "Base", "Candidate", "CandidateStatus", "CurvePoint", "Evaluation", "GenomeClaim",
+    "Artifact", "Base", "CalibrationRun", "Candidate", "CandidateStatus", "CurvePoint",
+    "Evaluation", "GenomeClaim",
     "Promotion", "PromotionRole", "PromotionStatus", "RetryingRDBStorage", "Run", "SchemaVersion",
     "Slot", "StorageError",
     "TrialWeights", "best_trials", "check_storage", "create_tables", "creation_lock",

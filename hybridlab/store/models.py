@@ -326,3 +326,29 @@ class Promotion(Base):
         order = {role.value: i for i, role in enumerate(PromotionRole)}
         return sorted(rows, key=lambda r: (r.rung, order.get(r.role, 99),
                                            r.source_trial if r.source_trial is not None else -1))
+
+
+class CalibrationRun(Base):
+    """One reference architecture trained on one task of a space at one seed and budget, by
+    ``hybridlab calibrate`` (see ``hybridlab.search.calibration``).
+
+    ``fingerprint`` hashes everything the value depends on (architecture, task and its options,
+    train settings, seed), so a rerun skips what is stored and a changed space trains afresh.
+    """
+
+    __tablename__ = "hl_calibration"
+    __table_args__ = (sa.Index("ix_hl_calibration_space", "space"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    space: Mapped[str] = mapped_column(sa.String(255))
+    fingerprint: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    budget_scale: Mapped[float]
+    task: Mapped[str] = mapped_column(sa.String(1024))
+    reference: Mapped[str] = mapped_column(sa.String(64))
+    pattern: Mapped[str] = mapped_column(sa.String(255))
+    params: Mapped[int]
+    seed: Mapped[int]
+    metric: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[float]
+    steps: Mapped[int]
+    seconds: Mapped[float]
+    created_unix: Mapped[float] = mapped_column(sa.Float, default=time.time)
