@@ -317,13 +317,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     at the space's width and budget over several seeds, on every task of the space; report per
     task each reference's mean and spread and whether the published ordering holds, by how many
     seed spreads. Results are stored in the space's database; rerun to resume."""
-    from hybridlab.search.calibration import (
-        REFERENCES,
-        calibrate,
-        format_report,
-        rank_agreement,
-        verdicts,
-    )
+    from hybridlab.search.calibration import REFERENCES, calibrate
     from hybridlab.search.runner import check_folder
     from hybridlab.search.space import load_space
     from hybridlab.store import (
@@ -333,6 +327,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
         default_sqlite_url,
         open_engine,
     )
+    from hybridlab.store.calibration import format_report, rank_agreement, verdicts
 
     space = load_space(args.space)
     references = tuple(r.strip() for r in args.references.split(",") if r.strip())

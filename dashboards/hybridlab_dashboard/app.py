@@ -94,6 +94,9 @@ class DashboardApp:
         if path == "/hl/api/promotion":
             study = query.get("study", [""])[0]
             return self._guarded(start_response, lambda: self.database.promotion(study))
+        if path == "/hl/api/calibration":
+            study = query.get("study", [""])[0]
+            return self._guarded(start_response, lambda: self.database.calibration(study))
         if path in ("/optuna", "/optuna/"):
             return _respond(start_response, "302 Found", b"", "text/plain",
                             [("Location", "/dashboard")])

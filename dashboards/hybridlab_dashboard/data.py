@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shlex
 import threading
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ from hybridlab.store import (
     resolve_study,
     sqlite_path,
 )
+from hybridlab.store.calibration import Verdict, calibration_runs, verdicts
 from hybridlab.store.validation import RungValidation, study_validation
 from hybridlab.units import UNIT_RULES
 
@@ -343,6 +345,16 @@ class StudyDatabase:
         rungs = [_rung(v) for v in study_validation(self._ready(), study)]
         return _with_revision({"study": study, "rungs": rungs})
 
+    def calibration(self, study: str) -> dict[str, Any]:
+        """``hybridlab calibrate``'s results for the space named like the study, one table per
+        budget: per task each reference's mean and spread, and the ordering's verdict (``budgets``
+        is empty when the space was never calibrated). Its own revision, like promotion's."""
+        runs = calibration_runs(self._ready(), study)
+        scales = sorted({m.budget_scale for m in runs})
+        budgets = [{"scale": scale, "tasks": [_verdict(v) for v in verdicts(
+            m for m in runs if m.budget_scale == scale)]} for scale in scales]
+        return _with_revision({"study": study, "budgets": budgets})
+
     def curves(self, study: str, trials: Iterable[int]) -> list[dict[str, Any]]:
         """Learning curves of the given trials: one series per (trial, split, metric)."""
         wanted = sorted(set(trials))
@@ -370,6 +382,19 @@ def _with_revision(payload: dict[str, Any]) -> dict[str, Any]:
     text = json.dumps(payload, sort_keys=True, default=str)
     payload["revision"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return payload
+
+
+def _verdict(v: Verdict) -> dict[str, Any]:
+    margin = v.margin
+    return {
+        "task": v.task, "metric": v.metric, "expectation": v.expectation,
+        "held": v.held, "separated": v.separated,
+        # JSON has no infinity: a zero spread with a gap is written out.
+        "margin": None if margin is None else (
+            f"{margin:.2f}" if math.isfinite(margin) else ("inf" if margin > 0 else "-inf")),
+        "references": [{"reference": ref, **asdict(summary)}
+                       for ref, summary in v.summaries.items()],
+    }
 
 
 def _rung(validation: RungValidation) -> dict[str, Any]:

@@ -10,16 +10,10 @@ import sqlalchemy as sa
 
 from hybridlab.cli import main
 from hybridlab.config import ConfigError
-from hybridlab.search.calibration import (
-    REFERENCES,
-    Measured,
-    calibrate,
-    rank_agreement,
-    reference_arch,
-    verdicts,
-)
+from hybridlab.search.calibration import REFERENCES, calibrate, reference_arch
 from hybridlab.search.space import load_space
 from hybridlab.store import CalibrationRun, create_tables, make_engine
+from hybridlab.store.calibration import Measured, calibration_runs, rank_agreement, verdicts
 
 TINY = Path(__file__).parent / "tiny_space.yaml"
 
@@ -117,6 +111,9 @@ def test_a_tiny_calibration_stores_its_runs_and_a_rerun_trains_nothing(tmp_path,
     again = calibrate(load_space(TINY), engine, seeds=3, references=("transformer", "mamba2"),
                       echo=lambda line: None)
     assert sorted(m.value for m in again) == sorted(r.value for r in rows)
+    assert sorted(calibration_runs(engine, "tiny"), key=lambda m: (m.reference, m.seed)) == \
+        sorted(again, key=lambda m: (m.reference, m.seed))
+    assert calibration_runs(engine, "other") == []
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(CalibrationRun)).scalar() == 6
     engine.dispose()

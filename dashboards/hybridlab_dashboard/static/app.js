@@ -30,6 +30,7 @@ const view = {
   picked: false,
   curvesKey: null,
   promotion: null,
+  calibration: null,
   timer: null,
 };
 
@@ -330,6 +331,37 @@ function promotionChart(rung) {
     h("p", { class: "muted summary" }, rung.summary));
 }
 
+function verdictText(t) {
+  if (t.held == null) return "–";
+  const separated = t.separated == null ? "" : (t.separated ? ", separated" : ", not separated");
+  return `${t.held ? "holds" : "does not hold"}${separated}`;
+}
+
+function renderCalibration() {
+  const budgets = view.calibration?.budgets || [];
+  document.getElementById("calibration-section").hidden = !budgets.length;
+  document.getElementById("calibration").replaceChildren(...budgets.map((b) => {
+    const refs = [...new Set(b.tasks.flatMap((t) => t.references.map((r) => r.reference)))];
+    return h("div", { class: "scroll" }, h("h3", {}, `${b.scale}x the space's budget`),
+      h("table", { class: "calibration", "data-scale": b.scale },
+        h("thead", {}, h("tr", {}, ["task", "metric", ...refs, "expectation", "margin", "verdict",
+          "min / run"].map((c) => h("th", {}, c)))),
+        h("tbody", {}, b.tasks.map((t) => {
+          const byRef = new Map(t.references.map((r) => [r.reference, r]));
+          const minutes = t.references.reduce((sum, r) => sum + r.seconds, 0) / t.references.length / 60;
+          return h("tr", { "data-task": t.task },
+            h("td", {}, t.task), h("td", {}, t.metric),
+            refs.map((ref) => {
+              const r = byRef.get(ref);
+              return h("td", { class: "num" }, r ? `${num(r.mean)} ± ${num(r.spread)} (${r.n})` : "–");
+            }),
+            h("td", {}, t.expectation || "–"), h("td", { class: "num" }, t.margin ?? "–"),
+            h("td", { class: t.held === false ? "bad" : "" }, verdictText(t)),
+            h("td", { class: "num" }, num(minutes)));
+        }))));
+  }));
+}
+
 function renderPromotion() {
   const rungs = view.promotion?.rungs || [];
   document.getElementById("promotion-section").hidden = !rungs.length;
@@ -616,6 +648,11 @@ async function refresh() {
         view.promotion = promotion;
         renderPromotion();
       }
+      const calibration = await getJSON(`/hl/api/calibration?study=${encodeURIComponent(view.study)}`);
+      if (calibration.revision !== view.calibration?.revision) {
+        view.calibration = calibration;
+        renderCalibration();
+      }
     }
     stamp(`updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
@@ -629,7 +666,7 @@ async function refresh() {
 
 document.getElementById("study").addEventListener("change", (event) => {
   view.study = event.target.value;
-  Object.assign(view, { data: null, revision: null, selected: new Set(), picked: false, curvesKey: null, promotion: null });
+  Object.assign(view, { data: null, revision: null, selected: new Set(), picked: false, curvesKey: null, promotion: null, calibration: null });
   history.replaceState(null, "", `?study=${encodeURIComponent(view.study)}`);
   refresh();
 });
