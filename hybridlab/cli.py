@@ -348,7 +348,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         with creation_lock(engine):
             create_tables(engine)
         runs = {scale: calibrate(space, engine, seeds=args.seeds, references=references,
-                                 budget_scale=scale) for scale in scales}
+                                 budget_scale=scale, echo=lambda line: print(line, flush=True))
+                for scale in scales}
     for scale, measured in runs.items():
         print(f"\ncalibration of {space.name!r} at {scale:g}x its budget "
               f"({round(space.train.steps * scale)} steps), {args.seeds} seeds:")

@@ -108,9 +108,13 @@ def calibrate(
     metric = target_metric(space)
     steps = max(1, round(space.train.steps * budget_scale))
     # Check every reference builds before anything trains.
-    vocab = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))[0].vocab_size
+    first = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))
     for reference in references:
-        reference_arch(reference, space, vocab)
+        for task in first:
+            reference_arch(reference, space, task.vocab_size)
+    n_tasks = len(first)
+    echo(f"calibrating {space.name!r}: {len(references)} references x {seeds} seeds x "
+         f"{n_tasks} task(s) at {steps} steps ({budget_scale:g}x the space's budget)")
     results = []
     for seed in range(seeds):
         tasks = make_tasks(space.task, seed=space.seed + seed, options=dict(space.task_options))
