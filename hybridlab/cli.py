@@ -317,7 +317,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     at the space's width and budget over several seeds, on every task of the space; report per
     task each reference's mean and spread and whether the published ordering holds, by how many
     seed spreads. Results are stored in the space's database; rerun to resume."""
-    from hybridlab.search.calibration import REFERENCES, calibrate
+    from hybridlab.search.calibration import calibrate, check_panel
     from hybridlab.search.runner import check_folder
     from hybridlab.search.space import load_space
     from hybridlab.store import (
@@ -331,10 +331,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
     space = load_space(args.space)
     references = tuple(r.strip() for r in args.references.split(",") if r.strip())
-    unknown = [r for r in references if r not in REFERENCES] or ([] if references else [""])
-    if unknown:
-        raise ConfigError("--references", f"unknown reference {unknown[0]!r}; expected a "
-                          f"comma-separated list of {', '.join(REFERENCES)}")
+    check_panel(space, references)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{args.device}: no CUDA device is available")
     scales = [args.budget_scale] + ([args.compare_scale] if args.compare_scale else [])
     for flag, value in (("--budget-scale", args.budget_scale),
                         ("--compare-scale", args.compare_scale)):
@@ -348,7 +347,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         with creation_lock(engine):
             create_tables(engine)
         runs = {scale: calibrate(space, engine, seeds=args.seeds, references=references,
-                                 budget_scale=scale, echo=lambda line: print(line, flush=True))
+                                 budget_scale=scale, device=args.device,
+                                 echo=lambda line: print(line, flush=True))
                 for scale in scales}
     for scale, measured in runs.items():
         print(f"\ncalibration of {space.name!r} at {scale:g}x its budget "
@@ -475,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--compare-scale", type=float,
                     help="also train at this multiple of the steps and report how the panel's "
                          "ranking correlates (Spearman) between the two budgets, e.g. 4")
+    ca.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     ca.add_argument("--storage", help="database URL (default: sqlite:///<runs-dir>/<space>.db)")
     ca.add_argument("--runs-dir", default="runs", help="where the default database lives")
 

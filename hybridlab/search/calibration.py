@@ -8,7 +8,9 @@ the hybrid, so that it holds both mixers) with an MLP after every mixer unless t
 none, its sizes the middle values the space gives for each layer type
 (``hybridlab.search.seeds.middle``). Each (reference, task, seed) trains a fresh model
 (model and data seeded by ``space.seed + seed``) with the space's train settings, its steps scaled
-by ``budget_scale``, and is stored in ``hl_calibration``; a rerun skips what is stored.
+by ``budget_scale``, and is stored in ``hl_calibration`` under a hash of everything it depends on
+(the space's name, the panel, the tasks' fingerprints, the train settings, the metric, the
+seed); a rerun skips what is stored, and a changed space trains afresh.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy.engine import Engine
 
 from hybridlab.config import ArchConfig, ConfigError, LayerSpec
 from hybridlab.cost import param_count
+from hybridlab.data.task import TaskData
 from hybridlab.layers import SYMBOLS
 from hybridlab.metrics import METRICS
 from hybridlab.model import HybridLM
@@ -76,14 +79,32 @@ def target_metric(space: SearchSpace) -> str:
     return "accuracy"
 
 
-def _fingerprint(space: SearchSpace, reference: str, arch: ArchConfig, task: str,
-                 cfg: TrainConfig, seed: int) -> str:
-    data = {"reference": reference, "arch": arch.to_dict(), "task": task,
-            "options": dict(space.task_options),
+def _settings_key(space: SearchSpace, metric: str, cfg: TrainConfig,
+                  tasks: Sequence[TaskData], archs: dict[str, ArchConfig]) -> str:
+    """One calibration's settings, seeds aside: the space, its panel, tasks, training, metric."""
+    data = {"space": space.name, "metric": metric,
+            "tasks": [task.fingerprint() for task in tasks],
+            "archs": {name: arch.to_dict() for name, arch in archs.items()},
             "train": {k: v for k, v in dataclasses.asdict(cfg).items()
-                      if k not in OPERATIONAL_FIELDS},
-            "seed": seed}
+                      if k not in OPERATIONAL_FIELDS | {"seed"}}}
+    return _digest(data)
+
+
+def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_panel(space: SearchSpace, references: Sequence[str]) -> list[TaskData]:
+    """Refuse (ConfigError naming --references) an unknown, repeated or unbuildable reference
+    before anything is written; the space's tasks at its seed."""
+    if not references or len(set(references)) != len(references):
+        raise ConfigError("--references", f"must name each reference once, got "
+                          f"{','.join(references)!r}")
+    tasks = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))
+    for reference in references:
+        for task in tasks:
+            reference_arch(reference, space, task.vocab_size)
+    return tasks
 
 
 def calibrate(
@@ -99,44 +120,43 @@ def calibrate(
     """Train (or read back) every (task, reference, seed) of the panel; see the module docstring.
 
     Each finished run is committed before the next starts, so an interrupted calibration
-    resumes where it stopped.
+    resumes where it stopped. A run that diverges is reported and left out (not stored).
     """
     if seeds < 1:
         raise ConfigError("--seeds", f"must be at least 1, got {seeds}")
     if not budget_scale > 0:
         raise ConfigError("--budget-scale", f"must be positive, got {budget_scale}")
+    first = check_panel(space, references)
     metric = target_metric(space)
     steps = max(1, round(space.train.steps * budget_scale))
-    # Check every reference builds before anything trains.
-    first = make_tasks(space.task, seed=space.seed, options=dict(space.task_options))
-    for reference in references:
-        for task in first:
-            reference_arch(reference, space, task.vocab_size)
-    n_tasks = len(first)
+    cfg = replace(space.train, steps=steps, device=device)
+    settings = _settings_key(space, metric, cfg, first, {
+        r: reference_arch(r, space, first[0].vocab_size) for r in references})
     echo(f"calibrating {space.name!r}: {len(references)} references x {seeds} seeds x "
-         f"{n_tasks} task(s) at {steps} steps ({budget_scale:g}x the space's budget)")
+         f"{len(first)} task(s) at {steps} steps ({budget_scale:g}x the space's budget)")
     results = []
     for seed in range(seeds):
         tasks = make_tasks(space.task, seed=space.seed + seed, options=dict(space.task_options))
         for task in tasks:
             for reference in references:
                 arch = reference_arch(reference, space, task.vocab_size)
-                cfg = replace(space.train, steps=steps, seed=space.seed + seed, device=device)
-                key = _fingerprint(space, reference, arch, task.name, cfg, seed)
+                key = _digest({"settings": settings, "reference": reference,
+                               "task": task.fingerprint(), "seed": seed})
                 stored = stored_run(engine, key)
                 if stored is None:
                     started = time.perf_counter()
                     model = HybridLM(arch, seed=space.seed + seed)
-                    result = train(model, task, cfg)
+                    result = train(model, task, replace(cfg, seed=space.seed + seed))
+                    if result.status == "diverged" or metric not in result.metrics:
+                        echo(f"{task.name} {reference} seed {seed}: left out, {result.reason}")
+                        continue
                     stored = Measured(task=task.name, reference=reference, pattern=arch.pattern,
                                       params=param_count(arch), seed=seed, metric=metric,
                                       value=float(result.metrics[metric]),
                                       seconds=time.perf_counter() - started,
-                                      budget_scale=budget_scale)
+                                      budget_scale=budget_scale, settings=settings)
                     store_run(engine, space.name, key, stored, steps)
                 echo(f"{task.name} {reference} ({stored.pattern}) seed {seed}: {metric} "
                      f"{stored.value:.4g} in {stored.seconds:.1f} s")
                 results.append(stored)
     return results
-
-

@@ -2,11 +2,14 @@
 
 A worker keeps its trial's latest task, step, train loss and test metric in the trial's
 ``progress`` user attribute (so any process reading the study sees it); the driver prints one line
-per running trial from it at a steady interval, between the lines it prints when trials end.
+per running trial of its run from it at a steady interval, between the lines it prints when
+trials end. Progress is cosmetic: a failed write or a malformed attribute costs a line, never a
+trial or the driver. Trials trained data-parallel (``workers_per_trial > 1``) report none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -43,28 +46,35 @@ class TrialProgress:
 
     def _write(self) -> None:
         now = self._clock()
-        self._trial.set_user_attr(PROGRESS_ATTR, {**self._state, "time": now})
         self._written = now
+        # Storage errors are retried by the storage; one that still fails must not fail training.
+        with contextlib.suppress(Exception):
+            self._trial.set_user_attr(PROGRESS_ATTR, {**self._state, "time": now})
 
 
-def running_lines(study: optuna.Study, now: float | None = None) -> list[str]:
-    """One line per running trial that has reported progress, by trial number."""
+def running_lines(study: optuna.Study, now: float | None = None, *,
+                  run: tuple[str, str] | None = None) -> list[str]:
+    """One line per running trial that has reported progress, by trial number; with ``run`` =
+    (user attribute, value), only the trials carrying it (one driver's)."""
     now = time.time() if now is None else now
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if run is not None:
+        running = [t for t in running if t.user_attrs.get(run[0]) == run[1]]
     return [line for t in sorted(running, key=lambda t: t.number)
             if (line := describe(t, now)) is not None]
 
 
 def describe(trial: FrozenTrial, now: float) -> str | None:
     """``#3 M-*- mqar step 400/600 loss 1.234 accuracy 0.52 (4 s ago)``, or None before the
-    trial's first report."""
+    trial's first report (or for an attribute this module did not write)."""
     p = trial.user_attrs.get(PROGRESS_ATTR)
-    if not isinstance(p, dict):
+    try:
+        line = (f"#{trial.number} {trial.user_attrs.get('pattern', '?')} {p['task']} "
+                f"step {p['step']}/{p['steps']}")
+        if "loss" in p:
+            line += f" loss {p['loss']:.4f}"
+        if "value" in p:
+            line += f" {p['metric']} {p['value']:.4g}"
+        return line + f" ({max(0.0, now - p['time']):.0f} s ago)"
+    except (KeyError, TypeError, ValueError):
         return None
-    line = (f"#{trial.number} {trial.user_attrs.get('pattern', '?')} {p['task']} "
-            f"step {p['step']}/{p['steps']}")
-    if "loss" in p:
-        line += f" loss {p['loss']:.4f}"
-    if "value" in p:
-        line += f" {p['metric']} {p['value']:.4g}"
-    return line + f" ({max(0.0, now - p['time']):.0f} s ago)"

@@ -116,7 +116,7 @@ class RunOptions:
     heartbeat_interval: int = 10
     grace_period: int = 30
     poll_seconds: float = 2.0
-    # How often the driver prints what each running trial is doing (0: never).
+    # How often the driver prints what each running trial of this run is doing.
     progress_seconds: float = 30.0
     # This driver's run: its trials carry the id; its workers' ranks start at first_rank.
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -514,8 +514,8 @@ def run_search(
 
     Everything that can be refused (options, space, folders, storage, a changed space) is
     checked before Ray starts. Every ``progress_every`` seconds the driver prints a line per
-    running trial (task, step, train loss, latest test metric). Each line the driver prints
-    also goes, timestamped, to ``<runs_dir>/<study>/search.log``.
+    running trial (task, step, train loss, latest test metric). Each line this function
+    prints (through ``echo``) also goes, timestamped, to ``<runs_dir>/<study>/search.log``.
     """
     path = Path(space_path)
     space = load_space(path)
@@ -654,8 +654,8 @@ def _drive(ray, space: SearchSpace, space_text: str, source: str, opts: RunOptio
         if line.split("]", 1)[1] != last:
             echo(line)
             last = line.split("]", 1)[1]
-        if opts.progress_seconds and time.perf_counter() - shown >= opts.progress_seconds:
-            for running in running_lines(study):
+        if time.perf_counter() - shown >= opts.progress_seconds:
+            for running in running_lines(study, run=(RUN_ATTR, opts.run_id)):
                 echo(f"  {running}")
             shown = time.perf_counter()
         if len(pending) < opts.workers:

@@ -13,7 +13,8 @@ the literature gives one, a verdict on the ordering:
   (largest minus smallest reference mean) over the spread, and the expectation holds when it is
   below ``SEPARATION``.
 
-Other tasks report means and spreads without a verdict. ``rank_agreement`` compares two budgets:
+Other tasks, and any task with a reference measured at fewer than two seeds (no spread), report
+means and spreads without a verdict. ``rank_agreement`` compares two budgets:
 Spearman's correlation between the panel's rankings on each task.
 """
 
@@ -55,6 +56,8 @@ class Measured:
     value: float
     seconds: float
     budget_scale: float
+    # One calibration's settings (space, panel, tasks, training, metric), seeds aside.
+    settings: str
 
     @property
     def has_attention(self) -> bool:
@@ -76,24 +79,28 @@ def store_run(engine: Engine, space: str, key: str, m: Measured, steps: int) -> 
             session.add(CalibrationRun(
                 space=space, fingerprint=key, budget_scale=m.budget_scale, task=m.task,
                 reference=m.reference, pattern=m.pattern, params=m.params, seed=m.seed,
-                metric=m.metric, value=m.value, steps=steps, seconds=m.seconds))
+                metric=m.metric, value=m.value, steps=steps, seconds=m.seconds,
+                settings=m.settings))
     transaction(engine, add)
 
 
 def calibration_runs(engine: Engine, space: str) -> list[Measured]:
-    """Every stored run of ``space`` (none in a database older than calibration)."""
+    """The stored runs of ``space``'s latest calibration at each budget scale: of the settings
+    stored for a scale, those of the most recent run (a changed space leaves older settings
+    behind, which are not mixed in). None in a database older than calibration."""
     with engine.connect() as conn:
         if not sa.inspect(conn).has_table(CalibrationRun.__tablename__):
             return []
         rows = conn.execute(sa.select(CalibrationRun).where(CalibrationRun.space == space)
                             .order_by(CalibrationRun.id)).all()
-    return [_measured(row) for row in rows]
+    latest = {row.budget_scale: row.settings for row in rows}
+    return [_measured(row) for row in rows if latest[row.budget_scale] == row.settings]
 
 
 def _measured(row) -> Measured:
     return Measured(task=row.task, reference=row.reference, pattern=row.pattern,
                     params=row.params, seed=row.seed, metric=row.metric, value=row.value,
-                    seconds=row.seconds, budget_scale=row.budget_scale)
+                    seconds=row.seconds, budget_scale=row.budget_scale, settings=row.settings)
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,9 @@ def verdicts(runs: Iterable[Measured]) -> list[Verdict]:
         sign = 1.0 if METRICS[metric].direction == "maximize" else -1.0
         expectation = EXPECTATIONS.get(task)
         margin = held = separated = None
-        if expectation == ATTENTION_AHEAD:
+        if min(summary.n for summary in summaries.values()) < 2:
+            pass  # no seed spread to measure a margin in
+        elif expectation == ATTENTION_AHEAD:
             attn = [r for r in summaries if attention[r]]
             ssm = [r for r in summaries if not attention[r]]
             if attn and ssm:
@@ -184,7 +193,7 @@ def rank_agreement(cheap: Iterable[Measured], dear: Iterable[Measured]) -> dict[
 def format_report(found: Sequence[Verdict]) -> str:
     """A table: per task, each reference's mean +- spread (n), then the verdict and margin."""
     refs = list(dict.fromkeys(r for v in found for r in v.summaries))
-    header = ["task", "metric", *refs, "expectation", "margin", "held", "min/candidate"]
+    header = ["task", "metric", *refs, "expectation", "margin", "held", "min/run"]
     rows = []
     for v in found:
         cells = [v.task, v.metric]

@@ -332,8 +332,8 @@ class CalibrationRun(Base):
     """One reference architecture trained on one task of a space at one seed and budget, by
     ``hybridlab calibrate`` (see ``hybridlab.search.calibration``).
 
-    ``fingerprint`` hashes everything the value depends on (architecture, task and its options,
-    train settings, seed), so a rerun skips what is stored and a changed space trains afresh.
+    ``fingerprint`` hashes everything the value depends on (space, panel, task fingerprint, train
+    settings, metric, seed), so a rerun skips what is stored and a changed space trains afresh.
     """
 
     __tablename__ = "hl_calibration"
@@ -341,6 +341,8 @@ class CalibrationRun(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     space: Mapped[str] = mapped_column(sa.String(255))
     fingerprint: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    # The calibration's settings without the seed and reference: runs that belong together.
+    settings: Mapped[str] = mapped_column(sa.String(64))
     budget_scale: Mapped[float]
     task: Mapped[str] = mapped_column(sa.String(1024))
     reference: Mapped[str] = mapped_column(sa.String(64))

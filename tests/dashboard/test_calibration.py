@@ -21,15 +21,15 @@ VALUES = {
 }
 
 
-def write_calibration(url: str, study: str, *, scale: float = 1.0) -> None:
+def write_calibration(url: str, study: str) -> None:
     engine = make_engine(url)
     create_tables(engine)
     for (task, ref), values in VALUES.items():
         for seed, value in enumerate(values):
             m = Measured(task=task, reference=ref, pattern=PANEL[ref], params=1000, seed=seed,
-                         metric="accuracy", value=value * scale if scale != 1 else value,
-                         seconds=30.0, budget_scale=scale)
-            store_run(engine, study, f"{study}-{task}-{ref}-{seed}-{scale}", m, steps=100)
+                         metric="accuracy", value=value, seconds=30.0, budget_scale=1.0,
+                         settings="latest")
+            store_run(engine, study, f"{study}-{task}-{ref}-{seed}", m, steps=100)
     engine.dispose()
 
 
@@ -61,7 +61,7 @@ def test_the_endpoint_gives_each_tasks_summaries_and_verdict(calibrated_app, cli
     assert client(calibrated_app, "/hl/api/calibration?study=nothing").json()["budgets"] == []
 
 
-def test_the_page_draws_the_calibration_table(calibrated_app, open_app_page):
+def test_the_page_draws_the_calibration_table(calibrated_app, open_app_page, client):
     page = open_app_page(calibrated_app)
     page.wait_for("document.querySelector('table.calibration tr[data-task=\"mqar\"]') !== null")
     assert page.evaluate("document.getElementById('calibration-section').hidden") is False
@@ -71,7 +71,9 @@ def test_the_page_draws_the_calibration_table(calibrated_app, open_app_page):
     cells = page.collect("table.calibration tr[data-task='mqar'] td", "e.textContent")
     assert cells[:2] == ["mqar", "accuracy"]
     assert all(cell.endswith("(3)") and " ± " in cell for cell in cells[2:6])
-    assert cells[6:] == ["attention ahead", cells[7], "holds, separated", "0.5"]
+    margin = client(calibrated_app, "/hl/api/calibration?study=demo").json()[
+        "budgets"][0]["tasks"][0]["margin"]
+    assert cells[6:] == ["attention ahead", margin, "holds, separated", "0.5"]
     verdicts = page.collect("table.calibration tbody tr",
                             "[e.dataset.task, e.children[e.children.length - 2].textContent]")
     assert dict(verdicts) == {"mqar": "holds, separated", "mad:memorization": "does not hold"}

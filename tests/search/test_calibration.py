@@ -1,6 +1,7 @@
 """Proxy calibration: the panel's architectures, the ordering verdicts on planted results, and a
 tiny real calibration that stores its runs and resumes."""
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -10,10 +11,12 @@ import sqlalchemy as sa
 
 from hybridlab.cli import main
 from hybridlab.config import ConfigError
+from hybridlab.search import calibration as calibration_module
 from hybridlab.search.calibration import REFERENCES, calibrate, reference_arch
 from hybridlab.search.space import load_space
 from hybridlab.store import CalibrationRun, create_tables, make_engine
 from hybridlab.store.calibration import Measured, calibration_runs, rank_agreement, verdicts
+from hybridlab.train import TrainResult
 
 TINY = Path(__file__).parent / "tiny_space.yaml"
 
@@ -27,10 +30,11 @@ def planted(task: str, means: dict[str, float], *, spread: float, seeds: int = 3
         noise = [rng.gauss(0, 1) for _ in range(seeds)]
         centre = sum(noise) / seeds
         scale = spread / max(1e-12, math.sqrt(sum((n - centre) ** 2 for n in noise)
-                                              / (seeds - 1)))
+                                              / max(1, seeds - 1)))
         out += [Measured(task=task, reference=ref, pattern=REFERENCES[ref], params=1000,
                          seed=i, metric=metric, value=mean + (n - centre) * scale,
-                         seconds=1.0, budget_scale=1.0) for i, n in enumerate(noise)]
+                         seconds=1.0, budget_scale=1.0, settings="s")
+                for i, n in enumerate(noise)]
     return out
 
 
@@ -64,6 +68,11 @@ def test_memorization_must_not_depend_on_the_mixer():
     assert w.held is False
 
 
+def test_one_seed_gives_no_margin():
+    [v] = verdicts(planted("mqar", {"transformer": 0.9, "mamba2": 0.1}, spread=0.0, seeds=1))
+    assert (v.margin, v.held, v.separated) == (None, None, None)
+
+
 def test_other_tasks_report_without_a_verdict():
     [v] = verdicts(planted("corpus", {"transformer": 1.2, "mamba2": 1.3}, spread=0.1,
                            metric="bits_per_byte"))
@@ -95,7 +104,8 @@ def test_panel_takes_the_space_sizes():
         reference_arch("rwkv", space, 64)
 
 
-def test_a_tiny_calibration_stores_its_runs_and_a_rerun_trains_nothing(tmp_path, capsys):
+def test_a_tiny_calibration_stores_its_runs_and_a_rerun_trains_nothing(tmp_path, capsys,
+                                                                       monkeypatch):
     url = f"sqlite:///{tmp_path / 'cal.db'}"
     argv = ["calibrate", str(TINY), "--seeds", "3", "--storage", url,
             "--references", "transformer,mamba2"]
@@ -107,15 +117,40 @@ def test_a_tiny_calibration_stores_its_runs_and_a_rerun_trains_nothing(tmp_path,
         rows = conn.execute(sa.select(CalibrationRun)).all()
     assert len(rows) == 6 and {r.reference for r in rows} == {"transformer", "mamba2"}
     assert {r.seed for r in rows} == {0, 1, 2} and all(r.steps == 20 for r in rows)
-    # The rerun reads every run back: same values, no new rows.
-    again = calibrate(load_space(TINY), engine, seeds=3, references=("transformer", "mamba2"),
+    assert len({r.settings for r in rows}) == 1
+    # The rerun reads every run back: nothing trains, same values, no new rows.
+    monkeypatch.setattr(calibration_module, "train", lambda *a, **k: pytest.fail("trained"))
+    space = load_space(TINY)
+    again = calibrate(space, engine, seeds=3, references=("transformer", "mamba2"),
                       echo=lambda line: None)
     assert sorted(m.value for m in again) == sorted(r.value for r in rows)
     assert sorted(calibration_runs(engine, "tiny"), key=lambda m: (m.reference, m.seed)) == \
         sorted(again, key=lambda m: (m.reference, m.seed))
     assert calibration_runs(engine, "other") == []
+    # A changed space trains afresh, and the stored view is the latest settings only.
+    monkeypatch.undo()
+    changed = dataclasses.replace(space, train=dataclasses.replace(space.train, lr=0.01))
+    fresh = calibrate(changed, engine, seeds=3, references=("transformer", "mamba2"),
+                      echo=lambda line: None)
+    assert len({m.settings for m in fresh}) == 1 and fresh[0].settings != rows[0].settings
+    assert sorted(calibration_runs(engine, "tiny"), key=lambda m: (m.reference, m.seed)) == \
+        sorted(fresh, key=lambda m: (m.reference, m.seed))
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(CalibrationRun)).scalar() == 6
+        assert conn.execute(sa.select(sa.func.count()).select_from(CalibrationRun)).scalar() == 12
+    engine.dispose()
+
+
+def test_a_diverged_run_is_left_out(tmp_path, monkeypatch):
+    diverged = TrainResult(status="diverged", reason="loss became nan at step 3", steps=2,
+                           tokens=0, seconds=0.1, metrics={})
+    monkeypatch.setattr(calibration_module, "train", lambda *a, **k: diverged)
+    engine = make_engine(f"sqlite:///{tmp_path / 'cal.db'}")
+    create_tables(engine)
+    lines = []
+    assert calibrate(load_space(TINY), engine, seeds=1, references=("mamba2",),
+                     echo=lines.append) == []
+    assert lines[-1] == "mqar mamba2 seed 0: left out, loss became nan at step 3"
+    assert calibration_runs(engine, "tiny") == []
     engine.dispose()
 
 
@@ -123,6 +158,8 @@ def test_bad_flags_are_refused_before_anything_is_written(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'cal.db'}"
     for flags, message in ((["--references", "transformer,rwkv"],
                             "--references: unknown reference 'rwkv'"),
+                           (["--references", "mamba2,mamba2"],
+                            "--references: must name each reference once"),
                            (["--budget-scale", "0"], "--budget-scale: must be positive")):
         assert main(["calibrate", str(TINY), "--storage", url, *flags]) != 0
         assert message in capsys.readouterr().err

@@ -54,3 +54,29 @@ def test_only_running_trials_that_reported_are_listed(study) -> None:
     lines = running_lines(study, now=clock.now)
     assert lines == [f"#{busy.number} ? state:parity step 50/100 loss 0.5000 (0 s ago)"]
     assert silent.number not in (int(line.split()[0][1:]) for line in lines)
+
+
+def test_a_malformed_attribute_or_another_runs_trial_is_not_listed(study) -> None:
+    clock = Clock()
+    odd, other, mine = study.ask(), study.ask(), study.ask()
+    odd.set_user_attr(PROGRESS_ATTR, {"step": "?"})
+    for trial, run in ((other, "a"), (mine, "b")):
+        trial.set_user_attr("run", run)
+        TrialProgress(trial, "mqar", 10, "accuracy", clock=clock).logged(5, 1.0)
+    assert [line.split()[0] for line in running_lines(study, now=clock.now)] == [
+        f"#{other.number}", f"#{mine.number}"]
+    assert running_lines(study, now=clock.now, run=("run", "b")) == [
+        f"#{mine.number} ? mqar step 5/10 loss 1.0000 (0 s ago)"]
+
+
+def test_a_failed_write_does_not_fail_training(study, monkeypatch) -> None:
+    trial = study.ask()
+    live = TrialProgress(trial, "mqar", 10, "accuracy")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(trial, "set_user_attr", broken)
+    live.logged(5, 1.0)
+    live.evaluated(10, {"accuracy": 0.5})
+    assert PROGRESS_ATTR not in study.trials[trial.number].user_attrs
