@@ -29,9 +29,11 @@ from hybridlab.config import ArchConfig, ConfigError
 from hybridlab.cost import cost_report
 from hybridlab.layers import LAYER_TYPES, SYMBOLS
 from hybridlab.metrics import METRICS, Direction, metric_names, registry_as_json
-from hybridlab.search.objective import SEED_ATTR, SEED_RULE_ATTR, SEED_SOURCE_ATTR
 from hybridlab.store import (
     NOTED,
+    SEED_ATTR,
+    SEED_RULE_ATTR,
+    SEED_SOURCE_ATTR,
     Candidate,
     CurvePoint,
     Evaluation,

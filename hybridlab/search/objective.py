@@ -48,6 +48,7 @@ from hybridlab.search.space import (
 )
 from hybridlab.store import (
     CHECKPOINT_KIND,
+    SEED_ARCH_ATTR,
     Artifact,
     Candidate,
     CandidateStatus,
@@ -61,12 +62,6 @@ from hybridlab.train import TrainConfig, TrainResult, settings_key, train
 
 SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS),
           "state:all": tuple(f"state:{name}" for name in STATE_TASKS)}
-# User attributes of an enqueued seed trial (``hybridlab.search.seeds``): the seed's name, the
-# architecture to train instead of a sampled one, where it came from and how it was sized.
-SEED_ATTR = "seed"
-SEED_ARCH_ATTR = "seed_arch"
-SEED_SOURCE_ATTR = "seed_source"
-SEED_RULE_ATTR = "seed_rule"
 
 
 def make_tasks(spec: str, *, seed: int, options: dict[str, Any]) -> list[TaskData]:

@@ -46,10 +46,6 @@ from optuna.trial import FrozenTrial, TrialState
 from hybridlab.config import ConfigError
 from hybridlab.errors import HybridlabError
 from hybridlab.search.objective import (
-    SEED_ARCH_ATTR,
-    SEED_ATTR,
-    SEED_RULE_ATTR,
-    SEED_SOURCE_ATTR,
     Objective,
     make_tasks,
 )
@@ -63,6 +59,10 @@ from hybridlab.search.space import (
     parse_space,
 )
 from hybridlab.store import (
+    SEED_ARCH_ATTR,
+    SEED_ATTR,
+    SEED_RULE_ATTR,
+    SEED_SOURCE_ATTR,
     Candidate,
     CandidateStatus,
     RetryingRDBStorage,

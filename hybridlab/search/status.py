@@ -9,9 +9,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from hybridlab.search.objective import SEED_ATTR
 from hybridlab.store import (
     NOTED,
+    SEED_ATTR,
     Candidate,
     Promotion,
     PromotionRole,

@@ -45,6 +45,10 @@ from hybridlab.store.models import (
 )
 from hybridlab.store.retry import RetryingRDBStorage, is_transient, retrying
 from hybridlab.store.studies import (
+    SEED_ARCH_ATTR,
+    SEED_ATTR,
+    SEED_RULE_ATTR,
+    SEED_SOURCE_ATTR,
     TrialWeights,
     best_trials,
     home_study,
@@ -60,7 +64,8 @@ from hybridlab.store.studies import (
 )
 
 __all__ = [
-    "CHECKPOINT_KIND", "NOTED", "SCHEMA_VERSION", "SQLITE_BUSY_TIMEOUT_S", "WITH_WEIGHTS",
+    "CHECKPOINT_KIND", "NOTED", "SCHEMA_VERSION", "SEED_ARCH_ATTR", "SEED_ATTR",
+    "SEED_RULE_ATTR", "SEED_SOURCE_ATTR", "SQLITE_BUSY_TIMEOUT_S", "WITH_WEIGHTS",
     "Artifact", "Base", "CalibrationRun", "Candidate", "CandidateStatus", "CurvePoint",
     "Evaluation", "GenomeClaim",
     "Promotion", "PromotionRole", "PromotionStatus", "RetryingRDBStorage", "Run", "SchemaVersion",

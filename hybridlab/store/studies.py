@@ -32,6 +32,14 @@ from hybridlab.store.engine import (
 )
 from hybridlab.store.models import WITH_WEIGHTS, Artifact, Candidate, CandidateStatus
 
+# User attributes of an enqueued seed trial (``hybridlab.search.seeds``): the seed's name, the
+# architecture to train instead of a sampled one, where it came from and how it was sized. The
+# search writes them; status and the dashboard read them.
+SEED_ATTR = "seed"
+SEED_ARCH_ATTR = "seed_arch"
+SEED_SOURCE_ATTR = "seed_source"
+SEED_RULE_ATTR = "seed_rule"
+
 # A promotion rung trains in its own study beside the proxy study: "<study>.rung<k>".
 _RUNG_STUDY = re.compile(r"^(?P<study>.+)\.rung(?P<rung>[1-9][0-9]*)$")
 

@@ -12,11 +12,17 @@ from hybridlab import published
 from hybridlab.config import ArchConfig, AttentionSpec, ConfigError, Mamba2Spec
 from hybridlab.cost import param_count
 from hybridlab.search import runner
-from hybridlab.search.objective import SEED_ARCH_ATTR, SEED_ATTR, SEED_RULE_ATTR
 from hybridlab.search.seeds import blocks, proxy_seeds, sample_blocks, typical_params
 from hybridlab.search.space import load_space, parse_space
 from hybridlab.search.status import study_table
-from hybridlab.store import Candidate, make_engine, session_scope
+from hybridlab.store import (
+    SEED_ARCH_ATTR,
+    SEED_ATTR,
+    SEED_RULE_ATTR,
+    Candidate,
+    make_engine,
+    session_scope,
+)
 from hybridlab_dashboard.data import StudyDatabase
 
 TINY_SPACE = (Path(__file__).parent / "tiny_space.yaml").read_text()
