@@ -317,7 +317,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     at the space's width and budget over several seeds, on every task of the space; report per
     task each reference's mean and spread and whether the published ordering holds, by how many
     seed spreads. Results are stored in the space's database; rerun to resume."""
-    from hybridlab.search.calibration import calibrate, check_panel
+    from hybridlab.search.calibration import calibrate, check_panel, check_scale
     from hybridlab.search.runner import check_folder
     from hybridlab.search.space import load_space
     from hybridlab.store import (
@@ -334,11 +334,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
     check_panel(space, references)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device", f"{args.device}: no CUDA device is available")
+    check_scale(args.budget_scale, "--budget-scale")
+    if args.compare_scale is not None:
+        check_scale(args.compare_scale, "--compare-scale")
     scales = [args.budget_scale] + ([args.compare_scale] if args.compare_scale else [])
-    for flag, value in (("--budget-scale", args.budget_scale),
-                        ("--compare-scale", args.compare_scale)):
-        if value is not None and not value > 0:
-            raise ConfigError(flag, f"must be positive, got {value}")
     if not args.storage:
         check_folder(Path(args.runs_dir), "--runs-dir")
     url = args.storage or default_sqlite_url(space.name, Path(args.runs_dir).resolve())

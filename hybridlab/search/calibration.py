@@ -94,6 +94,12 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_scale(scale: float, flag: str) -> None:
+    """A budget multiple must be a positive number (ConfigError naming ``flag``)."""
+    if not scale > 0:
+        raise ConfigError(flag, f"must be positive, got {scale}")
+
+
 def check_panel(space: SearchSpace, references: Sequence[str]) -> list[TaskData]:
     """Refuse (ConfigError naming --references) an unknown, repeated or unbuildable reference
     before anything is written; the space's tasks at its seed."""
@@ -124,8 +130,7 @@ def calibrate(
     """
     if seeds < 1:
         raise ConfigError("--seeds", f"must be at least 1, got {seeds}")
-    if not budget_scale > 0:
-        raise ConfigError("--budget-scale", f"must be positive, got {budget_scale}")
+    check_scale(budget_scale, "--budget-scale")
     first = check_panel(space, references)
     metric = target_metric(space)
     steps = max(1, round(space.train.steps * budget_scale))

@@ -153,9 +153,9 @@ def verdicts(runs: Iterable[Measured]) -> list[Verdict]:
         sign = 1.0 if METRICS[metric].direction == "maximize" else -1.0
         expectation = EXPECTATIONS.get(task)
         margin = held = separated = None
-        if min(summary.n for summary in summaries.values()) < 2:
-            pass  # no seed spread to measure a margin in
-        elif expectation == ATTENTION_AHEAD:
+        # Without two seeds per reference there is no spread to measure a margin in.
+        spread_known = min(summary.n for summary in summaries.values()) >= 2
+        if spread_known and expectation == ATTENTION_AHEAD:
             attn = [r for r in summaries if attention[r]]
             ssm = [r for r in summaries if not attention[r]]
             if attn and ssm:
@@ -164,7 +164,7 @@ def verdicts(runs: Iterable[Measured]) -> list[Verdict]:
                 gap = sign * (summaries[worst].mean - summaries[best].mean)
                 margin = _in_spreads(gap, [summaries[worst].spread, summaries[best].spread])
                 held, separated = margin > 0, margin >= SEPARATION
-        elif expectation == MIXER_BLIND and len(summaries) > 1:
+        elif spread_known and expectation == MIXER_BLIND and len(summaries) > 1:
             means = [s.mean for s in summaries.values()]
             margin = _in_spreads(max(means) - min(means), [s.spread for s in summaries.values()])
             held, separated = margin < SEPARATION, None
