@@ -184,16 +184,25 @@ def test_interrupted_search_stops_cleanly_and_resumes(tmp_path, signum):
     url = f"sqlite:///{runs / 'tiny.db'}"
     proc = run_cli(space, runs, "--progress-every", "1")
 
-    def reporting():
+    def training():
         if not (runs / "tiny.db").exists():
             return False
+        try:
+            return any(c.status == "running" for c in rows(url, Candidate, "tiny"))
+        except sa.exc.OperationalError:
+            return False
+
+    def reporting():
+        # Only once the driver has created the study: opening Optuna's storage while it is
+        # still being created races on its schema table.
         try:
             study = optuna.load_study(study_name="tiny", storage=url)
             return any("progress" in t.user_attrs
                        for t in study.get_trials(states=(TrialState.RUNNING,)))
-        except (KeyError, sa.exc.OperationalError):
+        except sa.exc.OperationalError:
             return False
 
+    wait_for(training, 240, proc)
     wait_for(reporting, 240, proc)
     time.sleep(2.5)  # within the driver's 2 s poll (1 s progress interval) a line is printed
     proc.send_signal(signum)
