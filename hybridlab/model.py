@@ -14,7 +14,7 @@ from torch import nn
 from hybridlab.cache import InferenceCache
 from hybridlab.config import ArchConfig
 from hybridlab.layers import RMSNorm, build_layer
-from hybridlab.layers.init import EMBED_STD, normal_
+from hybridlab.layers.init import fan_in_
 
 
 class Block(nn.Module):
@@ -62,13 +62,13 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        normal_(self.backbone.embedding.weight, EMBED_STD, generator)
+        fan_in_(self.backbone.embedding.weight, generator)
         for block in self.backbone.layers:
             block.norm.reset_parameters()
             block.mixer.reset_parameters(generator, n_layers=self.config.n_layers)
         self.backbone.norm_f.reset_parameters()
         if not self.config.tie_embeddings:
-            normal_(self.lm_head.weight, EMBED_STD, generator)
+            fan_in_(self.lm_head.weight, generator)
 
     @property
     def device(self) -> torch.device:

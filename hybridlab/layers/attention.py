@@ -23,7 +23,7 @@ from torch import nn
 
 from hybridlab.cache import AttentionCache
 from hybridlab.errors import ConfigError
-from hybridlab.layers.init import EMBED_STD, normal_, residual_std
+from hybridlab.layers.init import fan_in_, residual_
 from hybridlab.layers.registry import LayerType, register
 from hybridlab.layers.spec import LayerSpec
 
@@ -181,8 +181,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
-        normal_(self.in_proj.weight, EMBED_STD, generator)
-        normal_(self.out_proj.weight, residual_std(n_layers), generator)
+        fan_in_(self.in_proj.weight, generator)
+        residual_(self.out_proj.weight, generator, n_layers=n_layers)
 
     def cache_slots(self, max_seqlen: int) -> int:
         return max_seqlen if self.window is None else min(max_seqlen, self.window)

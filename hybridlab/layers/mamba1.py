@@ -13,7 +13,7 @@ from torch import nn
 
 from hybridlab.cache import MambaCache
 from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
-from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
+from hybridlab.layers.init import conv_default_, dt_bias_, fan_in_, residual_
 from hybridlab.layers.registry import LayerType, register
 from hybridlab.layers.spec import LayerSpec
 from hybridlab_kernels import selective_scan, selective_state_update
@@ -102,9 +102,9 @@ class Mamba1(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
-        normal_(self.in_proj.weight, EMBED_STD, generator)
+        fan_in_(self.in_proj.weight, generator)
         conv_default_(self.conv1d, generator)
-        normal_(self.x_proj.weight, EMBED_STD, generator)
+        fan_in_(self.x_proj.weight, generator)
         bound = 1.0 / math.sqrt(self.dt_rank)
         self.dt_proj.weight.uniform_(-bound, bound, generator=generator)
         dt_bias_(self.dt_proj.bias, generator)
@@ -112,7 +112,7 @@ class Mamba1(nn.Module):
         a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
-        normal_(self.out_proj.weight, residual_std(n_layers), generator)
+        residual_(self.out_proj.weight, generator, n_layers=n_layers)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, *, device: torch.device, dtype: torch.dtype

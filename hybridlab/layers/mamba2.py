@@ -18,7 +18,7 @@ from torch import nn
 from hybridlab.cache import MambaCache
 from hybridlab.errors import ConfigError
 from hybridlab.layers.conv import causal_conv1d, conv_step, last_inputs
-from hybridlab.layers.init import EMBED_STD, conv_default_, dt_bias_, normal_, residual_std
+from hybridlab.layers.init import conv_default_, dt_bias_, fan_in_, residual_
 from hybridlab.layers.mamba1 import SSM_STATE_BYTES, scaled_state
 from hybridlab.layers.norm import RMSNormGated
 from hybridlab.layers.registry import LayerType, register
@@ -125,7 +125,7 @@ class Mamba2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
-        normal_(self.in_proj.weight, EMBED_STD, generator)
+        fan_in_(self.in_proj.weight, generator)
         conv_default_(self.conv1d, generator)
         dt_bias_(self.dt_bias, generator)
         low, high = A_INIT_RANGE
@@ -133,7 +133,7 @@ class Mamba2(nn.Module):
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
         self.norm.reset_parameters()
-        normal_(self.out_proj.weight, residual_std(n_layers), generator)
+        residual_(self.out_proj.weight, generator, n_layers=n_layers)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, *, device: torch.device, dtype: torch.dtype

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.errors import ConfigError
-from hybridlab.layers.init import EMBED_STD, dt_bias_, normal_, residual_std
+from hybridlab.layers.init import dt_bias_, fan_in_, residual_
 from hybridlab.layers.mamba1 import SSM_STATE_BYTES, scaled_state
 from hybridlab.layers.norm import RMSNorm
 from hybridlab.layers.registry import LayerType, register
@@ -163,7 +163,7 @@ class Mamba3(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
         # mamba_ssm's Mamba3 init: biases 1, MIMO projections 1/R (x, out) and 1 (z), D 1
-        normal_(self.in_proj.weight, EMBED_STD, generator)
+        fan_in_(self.in_proj.weight, generator)
         dt_bias_(self.dt_bias, generator)
         self.B_bias.fill_(1.0)
         self.C_bias.fill_(1.0)
@@ -174,7 +174,7 @@ class Mamba3(nn.Module):
             self.mimo_z.fill_(1.0)
             self.mimo_o.fill_(1.0 / self.rank)
         self.D.fill_(1.0)
-        normal_(self.out_proj.weight, residual_std(n_layers), generator)
+        residual_(self.out_proj.weight, generator, n_layers=n_layers)
 
     def allocate_cache(
         self, batch_size: int, max_seqlen: int, *, device: torch.device, dtype: torch.dtype

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlab.layers.init import EMBED_STD, normal_, residual_std
+from hybridlab.layers.init import fan_in_, residual_
 from hybridlab.layers.registry import LayerType, register
 from hybridlab.layers.spec import LayerSpec
 
@@ -52,8 +52,8 @@ class GatedMLP(nn.Module):
         self.fc2 = nn.Linear(self.d_hidden, d_model, bias=False)
 
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
-        normal_(self.fc1.weight, EMBED_STD, generator)
-        normal_(self.fc2.weight, residual_std(n_layers), generator)
+        fan_in_(self.fc1.weight, generator)
+        residual_(self.fc2.weight, generator, n_layers=n_layers)
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, **_: object) -> None:
         return None

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlab.errors import ConfigError
-from hybridlab.layers.init import EMBED_STD, normal_, residual_std
+from hybridlab.layers.init import fan_in_, normal_, residual_
 from hybridlab.layers.mlp import GatedMLP, MLPSpec
 from hybridlab.layers.registry import LayerType, register
 from hybridlab.layers.spec import LayerSpec
+
+ROUTER_INIT_SCALE = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,9 +120,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator, *, n_layers: int) -> None:
-        normal_(self.router.weight, EMBED_STD, generator)
-        normal_(self.w1, EMBED_STD, generator)
-        normal_(self.w2, residual_std(n_layers), generator)
+        # Near-uniform routing at the start (Switch Transformer scales its router init by 0.1):
+        # every expert gets tokens, and so gradients, before the router commits.
+        normal_(self.router.weight, ROUTER_INIT_SCALE * self.router.in_features ** -0.5,
+                generator)
+        fan_in_(self.w1, generator)
+        residual_(self.w2, generator, n_layers=n_layers)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(generator, n_layers=n_layers)
 

@@ -64,9 +64,28 @@ SUITES = {"mad:all": tuple(f"mad:{name}" for name in MAD_TASKS),
           "state:all": tuple(f"state:{name}" for name in STATE_TASKS)}
 
 
+def task_members(spec: str, options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each task of ``spec`` (itself, or a suite's members) with its knob overrides.
+
+    A suite's options hold knobs for every member and, under a member's short name (the part
+    after the colon), a mapping of knobs for that member alone, which win over the shared ones:
+    ``{seq_len: 64, selective_copying: {num_tokens_to_copy: 8}}``.
+    """
+    members = SUITES.get(spec)
+    if members is None:
+        return [(spec, dict(options))]
+    names = {member.split(":", 1)[1]: member for member in members}
+    shared = {k: v for k, v in options.items() if k not in names}
+    for key, value in options.items():
+        if key in names and not isinstance(value, dict):
+            raise ValueError(f"task {spec!r}: option {key!r} names a member task and must map "
+                             f"its knobs, got {value!r}")
+    return [(member, {**shared, **options.get(short, {})}) for short, member in names.items()]
+
+
 def make_tasks(spec: str, *, seed: int, options: dict[str, Any]) -> list[TaskData]:
     """One task, or every task of a suite ("mad:all": the six MAD tasks, trained separately)."""
-    return [make_task(name, seed=seed, **options) for name in SUITES.get(spec, (spec,))]
+    return [make_task(name, seed=seed, **knobs) for name, knobs in task_members(spec, options)]
 
 
 def candidate_costs(arch: ArchConfig, space: SearchSpace) -> dict[str, float]:
@@ -231,13 +250,12 @@ class Objective:
         refuses a pruner with it); the trial records the nodes they ran on."""
         from hybridlab.search.distributed import train_data_parallel
 
-        specs = dict(zip((t.name for t in self.tasks), SUITES.get(self.space.task,
-                                                                  (self.space.task,)),
-                         strict=True))
+        members = task_members(self.space.task, dict(self.space.task_options))
+        spec, knobs = dict(zip((t.name for t in self.tasks), members, strict=True))[task.name]
         resources = self.space.resources
         run = train_data_parallel(
-            arch, task=specs[task.name], task_seed=self.space.seed,
-            task_options=dict(self.space.task_options), cfg=cfg, model_seed=self.space.seed,
+            arch, task=spec, task_seed=self.space.seed,
+            task_options=knobs, cfg=cfg, model_seed=self.space.seed,
             workers=resources.workers_per_trial, checkpoint_dir=folder,
             use_gpu=resources.gpus_per_worker > 0, cpus_per_worker=resources.cpus_per_worker,
             storage_path=self.artifacts_dir / "ray-train",

@@ -25,7 +25,7 @@ def seed_of(*parts) -> int:
 
 def make(d_model: int, spec: MoESpec, seed: int, *, dtype=torch.float32) -> MoE:
     """A layer with every weight drawn at unit scale (1/sqrt(fan-in)), so that outputs are O(1)
-    and routing is decisive (the init's 0.02 router leaves it near uniform)."""
+    and routing is decisive (the init's 0.1-scaled router leaves it near uniform)."""
     layer = build_layer(spec, d_model)
     g = gen(seed)
     with torch.no_grad():
@@ -316,7 +316,10 @@ def test_init_is_seeded_and_leaves_global_rng_alone():
     second = HybridLM(stack_config(), seed=7).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     layer = HybridLM(stack_config(), seed=7).backbone.layers[1].mixer
-    assert layer.router.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    # Router scale 0.1 of fan-in (near-uniform routing); experts at fan-in.
+    d_model = layer.router.in_features
+    assert layer.router.weight.std().item() == pytest.approx(0.1 / math.sqrt(d_model), rel=0.2)
+    assert layer.w1.std().item() == pytest.approx(1 / math.sqrt(d_model), rel=0.1)
 
 
 def test_config_round_trips():
