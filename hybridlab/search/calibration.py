@@ -9,8 +9,8 @@ none, its sizes the middle values the space gives for each layer type
 (``hybridlab.search.seeds.middle``). Each (reference, task, seed) trains a fresh model
 (model and data seeded by ``space.seed + seed``) with the space's train settings, its steps scaled
 by ``budget_scale``, and is stored in ``hl_calibration`` under a hash of everything it depends on
-(the space's name, the panel, the tasks' fingerprints, the train settings, the metric, the
-seed); a rerun skips what is stored, and a changed space trains afresh.
+(the space's name, the reference's architecture, the tasks' fingerprints, the train settings,
+the metric, the seed); a rerun skips what is stored, and a changed space trains afresh.
 """
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ def target_metric(space: SearchSpace) -> str:
 
 
 def _settings_key(space: SearchSpace, metric: str, cfg: TrainConfig,
-                  tasks: Sequence[TaskData], archs: dict[str, ArchConfig]) -> str:
-    """One calibration's settings, seeds aside: the space, its panel, tasks, training, metric."""
+                  tasks: Sequence[TaskData]) -> str:
+    """One calibration's settings, seeds and panel aside: the space, tasks, training, metric.
+    Each run's key adds its own architecture, so panels split over several commands (or
+    processes) add up to one calibration."""
     data = {"space": space.name, "metric": metric,
             "tasks": [task.fingerprint() for task in tasks],
-            "archs": {name: arch.to_dict() for name, arch in archs.items()},
             "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                       if k not in OPERATIONAL_FIELDS | {"seed"}}}
     return _digest(data)
@@ -135,8 +136,7 @@ def calibrate(
     metric = target_metric(space)
     steps = max(1, round(space.train.steps * budget_scale))
     cfg = replace(space.train, steps=steps, device=device)
-    settings = _settings_key(space, metric, cfg, first, {
-        r: reference_arch(r, space, first[0].vocab_size) for r in references})
+    settings = _settings_key(space, metric, cfg, first)
     echo(f"calibrating {space.name!r}: {len(references)} references x {seeds} seeds x "
          f"{len(first)} task(s) at {steps} steps ({budget_scale:g}x the space's budget)")
     results = []
@@ -146,7 +146,8 @@ def calibrate(
             for reference in references:
                 arch = reference_arch(reference, space, task.vocab_size)
                 key = _digest({"settings": settings, "reference": reference,
-                               "task": task.fingerprint(), "seed": seed})
+                               "arch": arch.to_dict(), "task": task.fingerprint(),
+                               "seed": seed})
                 stored = stored_run(engine, key)
                 if stored is None:
                     started = time.perf_counter()
