@@ -386,14 +386,18 @@ def _with_revision(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def _spreads(margin: float | None) -> str | None:
+    # JSON has no infinity: a zero spread with a gap is written out.
+    if margin is None:
+        return None
+    return f"{margin:.2f}" if math.isfinite(margin) else ("inf" if margin > 0 else "-inf")
+
+
 def _verdict(v: Verdict) -> dict[str, Any]:
-    margin = v.margin
     return {
         "task": v.task, "metric": v.metric, "expectation": v.expectation,
-        "held": v.held, "separated": v.separated,
-        # JSON has no infinity: a zero spread with a gap is written out.
-        "margin": None if margin is None else (
-            f"{margin:.2f}" if math.isfinite(margin) else ("inf" if margin > 0 else "-inf")),
+        "held": v.held, "separated": v.separated, "margin": _spreads(v.margin),
+        "ahead": {ref: _spreads(m) for ref, m in v.ahead.items()},
         "references": [{"reference": ref, **asdict(summary)}
                        for ref, summary in v.summaries.items()],
     }

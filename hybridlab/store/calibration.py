@@ -5,10 +5,11 @@ the same figures. Per task, each reference architecture's mean and spread over s
 the literature gives one, a verdict on the ordering:
 
 - **attention ahead** (MQAR, Zoology; MAD's in-context, fuzzy and noisy recall and selective
-  copying): every attention-containing reference beats every pure SSM. The margin is the gap
-  between the worse attention-containing mean and the better SSM mean, in units of the seed
-  spread (the root-mean-square of those two references' standard deviations); the ordering holds
-  when the margin is positive, and separates when it is at least ``SEPARATION`` spreads.
+  copying): every attention-containing reference beats every pure SSM. Each attention-containing
+  reference's margin (``ahead``) is its gap to the better SSM mean in units of the seed spread
+  (the root-mean-square of those two references' standard deviations); the task's margin is the
+  least of them: the ordering holds when it is positive, and separates when it is at least
+  ``SEPARATION`` spreads.
 - **mixer-blind** (MAD memorization): which mixer is used should not matter; the margin is
   (largest minus smallest reference mean) over the spread, and the expectation holds when it is
   below ``SEPARATION``.
@@ -24,7 +25,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from scipy.stats import spearmanr
@@ -122,6 +123,9 @@ class Verdict:
     margin: float | None  # in seed spreads; inf when the spread is 0 and the gap is not
     held: bool | None
     separated: bool | None
+    # Attention ahead: each attention-containing reference's margin over the better SSM, which
+    # tells a hybrid that separates from a transformer that does not (``margin`` is the least).
+    ahead: dict[str, float] = field(default_factory=dict)
 
 
 def _summaries(runs: Iterable[Measured]) -> dict[str, dict[str, Summary]]:
@@ -153,16 +157,18 @@ def verdicts(runs: Iterable[Measured]) -> list[Verdict]:
         sign = 1.0 if METRICS[metric].direction == "maximize" else -1.0
         expectation = EXPECTATIONS.get(task)
         margin = held = separated = None
+        ahead: dict[str, float] = {}
         # Without two seeds per reference there is no spread to measure a margin in.
         spread_known = min(summary.n for summary in summaries.values()) >= 2
         if spread_known and expectation == ATTENTION_AHEAD:
             attn = [r for r in summaries if attention[r]]
             ssm = [r for r in summaries if not attention[r]]
             if attn and ssm:
-                worst = min(attn, key=lambda r: sign * summaries[r].mean)
                 best = max(ssm, key=lambda r: sign * summaries[r].mean)
-                gap = sign * (summaries[worst].mean - summaries[best].mean)
-                margin = _in_spreads(gap, [summaries[worst].spread, summaries[best].spread])
+                ahead = {r: _in_spreads(sign * (summaries[r].mean - summaries[best].mean),
+                                        [summaries[r].spread, summaries[best].spread])
+                         for r in attn}
+                margin = min(ahead.values())
                 held, separated = margin > 0, margin >= SEPARATION
         elif spread_known and expectation == MIXER_BLIND and len(summaries) > 1:
             means = [s.mean for s in summaries.values()]
@@ -170,7 +176,7 @@ def verdicts(runs: Iterable[Measured]) -> list[Verdict]:
             held, separated = margin < SEPARATION, None
         out.append(Verdict(task=task, metric=metric, summaries=summaries,
                            expectation=expectation, margin=margin, held=held,
-                           separated=separated))
+                           separated=separated, ahead=ahead))
     return out
 
 
@@ -193,7 +199,8 @@ def rank_agreement(cheap: Iterable[Measured], dear: Iterable[Measured]) -> dict[
 def format_report(found: Sequence[Verdict]) -> str:
     """A table: per task, each reference's mean +- spread (n), then the verdict and margin."""
     refs = list(dict.fromkeys(r for v in found for r in v.summaries))
-    header = ["task", "metric", *refs, "expectation", "margin", "held", "min/run"]
+    header = ["task", "metric", *refs, "expectation", "margin", "held", "each ahead by",
+              "min/run"]
     rows = []
     for v in found:
         cells = [v.task, v.metric]
@@ -206,6 +213,7 @@ def format_report(found: Sequence[Verdict]) -> str:
         if v.separated is not None:
             verdict += ", separated" if v.separated else ", not separated"
         cells.append(verdict)
+        cells.append(", ".join(f"{r} {m:.2f}" for r, m in v.ahead.items()) or "-")
         cells.append(f"{statistics.fmean(s.seconds for s in v.summaries.values()) / 60:.2f}")
         rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]

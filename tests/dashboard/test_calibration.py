@@ -52,6 +52,8 @@ def test_the_endpoint_gives_each_tasks_summaries_and_verdict(calibrated_app, cli
     spread = ((statistics.stdev(VALUES[("mqar", "hybrid")]) ** 2
                + statistics.stdev(VALUES[("mqar", "mamba2")]) ** 2) / 2) ** 0.5
     assert float(mqar["margin"]) == pytest.approx(0.5 / spread, abs=0.01)
+    assert mqar["ahead"]["hybrid"] == mqar["margin"]
+    assert float(mqar["ahead"]["transformer"]) > float(mqar["margin"])
     for ref in mqar["references"]:
         values = VALUES[("mqar", ref["reference"])]
         assert ref["mean"] == pytest.approx(statistics.fmean(values))
@@ -67,14 +69,15 @@ def test_the_page_draws_the_calibration_table(calibrated_app, open_app_page, cli
     assert page.evaluate("document.getElementById('calibration-section').hidden") is False
     header = page.collect("table.calibration th", "e.textContent")
     assert header == ["task", "metric", *PANEL_ORDER, "expectation", "margin", "verdict",
-                      "min / run"]
+                      "each ahead by", "min / run"]
     cells = page.collect("table.calibration tr[data-task='mqar'] td", "e.textContent")
     assert cells[:2] == ["mqar", "accuracy"]
     assert all(cell.endswith("(3)") and " ± " in cell for cell in cells[2:6])
-    margin = client(calibrated_app, "/hl/api/calibration?study=demo").json()[
-        "budgets"][0]["tasks"][0]["margin"]
-    assert cells[6:] == ["attention ahead", margin, "holds, separated", "0.5"]
+    mqar = client(calibrated_app, "/hl/api/calibration?study=demo").json()[
+        "budgets"][0]["tasks"][0]
+    ahead = ", ".join(f"{ref} {m}" for ref, m in mqar["ahead"].items())
+    assert cells[6:] == ["attention ahead", mqar["margin"], "holds, separated", ahead, "0.5"]
     verdicts = page.collect("table.calibration tbody tr",
-                            "[e.dataset.task, e.children[e.children.length - 2].textContent]")
+                            "[e.dataset.task, e.children[e.children.length - 3].textContent]")
     assert dict(verdicts) == {"mqar": "holds, separated", "mad:memorization": "does not hold"}
     assert page.errors() == []

@@ -53,6 +53,16 @@ def test_attention_ahead_is_detected_and_a_reversal_flagged(task):
     assert c.held and not c.separated and 0 < c.margin < 2
 
 
+def test_each_attention_reference_gets_its_own_margin_over_the_better_ssm():
+    # The hybrid separates; the transformer trails the SSMs: the task's verdict is the worse.
+    means = {"transformer": 0.35, "hybrid": 0.99, "mamba1": 0.80, "mamba2": 0.90}
+    [v] = verdicts(planted("mad:in_context_recall", means, spread=0.03))
+    assert v.ahead["hybrid"] == pytest.approx(0.09 / 0.03)
+    assert v.ahead["transformer"] == pytest.approx(-0.55 / 0.03)
+    assert v.margin == v.ahead["transformer"] and v.held is False
+    assert set(v.ahead) == {"transformer", "hybrid"}
+
+
 def test_a_minimised_metric_orders_the_other_way():
     lower_is_better = {"transformer": 1.0, "hybrid": 1.1, "mamba1": 2.0, "mamba2": 1.9}
     [v] = verdicts(planted("mqar", lower_is_better, spread=0.05, metric="loss"))

@@ -345,7 +345,7 @@ function renderCalibration() {
     return h("div", { class: "scroll" }, h("h3", {}, `${b.scale}x the space's budget`),
       h("table", { class: "calibration", "data-scale": b.scale },
         h("thead", {}, h("tr", {}, ["task", "metric", ...refs, "expectation", "margin", "verdict",
-          "min / run"].map((c) => h("th", {}, c)))),
+          "each ahead by", "min / run"].map((c) => h("th", {}, c)))),
         h("tbody", {}, b.tasks.map((t) => {
           const byRef = new Map(t.references.map((r) => [r.reference, r]));
           const minutes = t.references.reduce((sum, r) => sum + r.seconds, 0) / t.references.length / 60;
@@ -357,6 +357,8 @@ function renderCalibration() {
             }),
             h("td", {}, t.expectation || "–"), h("td", { class: "num" }, t.margin ?? "–"),
             h("td", { class: t.held === false ? "bad" : "" }, verdictText(t)),
+            h("td", { class: "ahead" }, Object.entries(t.ahead || {})
+              .map(([ref, m]) => `${ref} ${m}`).join(", ") || "–"),
             h("td", { class: "num" }, num(minutes)));
         }))));
   }));
