@@ -124,7 +124,12 @@ def test_reference_gradients_match_finite_differences(monkeypatch):
         return functional_call(model, values, (ids,)).pow(2).mean()
 
     calls = spy_on_kernels(monkeypatch, ["ref", "torch"])
-    loss(dict(model.named_parameters())).backward()
+    at = loss(dict(model.named_parameters()))
+    at.backward()
+    # The float32 casts round the loss by about its size times float32's epsilon; divided by the
+    # step, that is the floor of what central differences resolve (it dominates for A_log, whose
+    # gradient is small next to a loss of order one).
+    floor = torch.finfo(torch.float32).eps * abs(float(at)) / 1e-2
     assert ran_only(calls, "ref"), calls
     grads = {n: p.grad for n, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(11)
@@ -137,5 +142,5 @@ def test_reference_gradients_match_finite_differences(monkeypatch):
             down = loss({**params, name: value - eps * direction})
         numeric = float((up - down) / (2 * eps))
         analytic = float((grads[name] * direction).sum())
-        bound = 1e-3 * float(grads[name].norm()) + 1e-6
+        bound = 1e-3 * float(grads[name].norm()) + floor + 1e-9
         assert abs(analytic - numeric) <= bound, (name, analytic, numeric)
